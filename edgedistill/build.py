@@ -1,0 +1,125 @@
+"""One build: resolve targets, run the stages per target (sharing what is shared), publish, verdict."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgedistill import teacher as teacher_mod
+from edgedistill.config import BuildConfig, dump_toml
+from edgedistill.errors import UserError
+from edgedistill.pipeline import Record, Session, _digest, _load_record, publish, run_target, stage_key, stages_root
+from edgedistill.plan import solve
+from edgedistill.targets import TargetProfile, load_target
+
+CONFIG_FILE = "build-config.toml"
+
+
+def prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable; choose another with --out")
+
+
+def write_config(cfg: BuildConfig) -> Path:
+    path = Path(cfg.out) / CONFIG_FILE
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(dump_toml(cfg), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def plan_table(target: TargetProfile, plan: dict) -> Table:
+    s = plan["shape"]
+    t = Table(title=f"plan for {target.name}: {s['layers']} layers x hidden {s['hidden']} (intermediate "
+                    f"{s['intermediate']}, heads {s['heads']}/{s['kv_heads']} kv), {plan['params'] / 1e6:.1f}M "
+                    f"params ({plan['compression']:.1f}x smaller), {plan['format']}, context {plan['context']}",
+              title_justify="left")
+    for col in ("budget", "figure", "limit", "ok", "arithmetic"):
+        t.add_column(col, overflow="fold")
+    for c in plan["checks"]:
+        t.add_row(c["name"], f"{c['value']:.3g} {c['unit']}", f"{'<=' if c['sense'] == 'le' else '>='} "
+                  f"{c['limit']:.3g}", "yes" if c["ok"] else "[red]NO[/red]", c["arithmetic"])
+    return t
+
+
+def dry_run(cfg: BuildConfig, targets: list[TargetProfile], console: Console) -> int:
+    from edgedistill.stages import STAGES
+
+    info = teacher_mod.describe(teacher_mod.resolve(cfg.teacher), cfg.trust_remote_code)
+    console.print(f"teacher {info['id']}: {info['params']:,} params")
+    session = Session(cfg, console)
+    for target in targets:
+        plan = solve(info, target, cfg.plan)
+        console.print(plan_table(target, plan))
+        console.print(f"  why: {plan['why']}")
+        if not plan["fits"]:
+            console.print("  [yellow]warning:[/yellow] this shape misses a budget above; the build would fail its verdict")
+        for r in plan["runners_up"]:
+            console.print(f"  runner-up: {r['layers']} layers x {r['hidden']} (inter {r['intermediate']}, heads "
+                          f"{r['heads']}/{r['kv_heads']}): {r['params'] / 1e6:.1f}M params")
+        console.print("  formats: " + ", ".join(target.formats) + f"  (trained for {target.primary_format})")
+        states = _probe(STAGES, session, target, plan)
+        console.print("  stages: " + ", ".join(f"{n} ({s})" for n, s in states), markup=False)
+    console.print(f"resolved config written to {Path(cfg.out) / CONFIG_FILE}; replay with "
+                  f"`edgedistill build --config {Path(cfg.out) / CONFIG_FILE}`")
+    return 0
+
+
+def _probe(stages, session: Session, target: TargetProfile, plan: dict) -> list[tuple[str, str]]:
+    """Which stages a real build would skip (cached) or run, without running any."""
+    from edgedistill.plan import run as plan_run
+
+    records: dict[str, Record] = {}
+    states = []
+    for stage in stages:
+        if any(n not in records for n in stage.after):
+            states.append((stage.name, "run"))
+            continue
+        upstream = {n: records[n] for n in stage.after}
+        key = stage_key(stage, session.cfg, target, upstream)
+        if stage.run is plan_run:
+            summary = {"student": {"shape": plan["shape"], "context": plan["context"], "qat_format": plan["format"]},
+                       "formats": plan["formats"], "plan": plan}
+            records[stage.name] = Record(stage.name, key, Path(), summary, _digest({"outputs": {}, "summary": summary}))
+            states.append((stage.name, "computed"))
+            continue
+        rec = _load_record(stage, key, stages_root(session.cfg) / f"{stage.name}-{key}")
+        if rec:
+            records[stage.name] = rec
+        states.append((stage.name, "cached" if rec else "run"))
+    return states
+
+
+def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress: bool = True,
+          console: Console | None = None) -> int:
+    """Exit code: 0 every budget met, 1 a budget failed (artifacts and report kept)."""
+    console = console or Console(stderr=True)
+    targets = [load_target(t) for t in cfg.targets]
+    teacher_mod.resolve(cfg.teacher)  # bad teacher input fails here, before anything is written
+    out = Path(cfg.out)
+    prepare_out(out)
+    write_config(cfg)
+    if dry:
+        return dry_run(cfg, targets, console)
+    from edgedistill.report import files_to_publish
+    from edgedistill.stages import STAGES
+
+    session = Session(cfg, console, resume=resume, progress=progress)
+    all_ok = True
+    for target in targets:
+        records = run_target(STAGES, session, target)
+        final = publish(out, target, files_to_publish(records))
+        rep = records["report"].summary
+        all_ok &= rep["ok"]
+        verdict = "[green]PASS[/green]" if rep["ok"] else "[red]FAIL[/red]"
+        console.print(f"{verdict} {target.name}: {final}/report.md")
+        for line in rep.get("failed", []):
+            console.print(f"  [red]✗[/red] {line}")
+    return 0 if all_ok else 1

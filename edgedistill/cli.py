@@ -1,0 +1,141 @@
+"""The `edgedistill` command. Thin: options -> config -> pipeline; no logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from edgedistill.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill a teacher LLM into on-device student artifacts and check them against target budgets.")
+err = Console(stderr=True)
+
+
+def _student_shape(text: Optional[str]) -> Optional[dict]:
+    if text is None:
+        return None
+    try:
+        pairs = dict(item.split("=", 1) for item in text.split(","))
+        return {k.strip(): int(v) for k, v in pairs.items()}
+    except ValueError:
+        raise UserError("--student takes layers=N,hidden=N,intermediate=N,heads=N,kv_heads=N") from None
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items()
+            if v is not None and v != {} and not (isinstance(v, dict) and not _drop_none(v))}
+
+
+@app.command()
+def build(
+    target: List[str] = typer.Option(None, "--target", "-t", help="target profile name or .toml file; repeatable"),
+    teacher: Optional[str] = typer.Option(None, help="HF folder, .gguf file, hub id, or alias (default: smollm2-135m-instruct)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: build)"),
+    preset: Optional[str] = typer.Option(None, help="quick | standard | full"),
+    config: Optional[Path] = typer.Option(None, help="replay a config file written by an earlier build (TOML or YAML)"),
+    compression: Optional[float] = typer.Option(None, help="teacher params / student params (default 4)"),
+    student: Optional[str] = typer.Option(None, help="explicit shape: layers=8,hidden=384,intermediate=1024,heads=6,kv_heads=2"),
+    context: Optional[int] = typer.Option(None, help="context length (default: the target's)"),
+    steps: Optional[int] = typer.Option(None, help="distillation steps"),
+    temperature: Optional[float] = typer.Option(None, help="KD temperature tau (> 0)"),
+    alpha: Optional[float] = typer.Option(None, help="weight of the KD term vs cross-entropy, in [0, 1]"),
+    prompts: List[Path] = typer.Option(None, "--prompts", help="extra prompts or text (.jsonl or .txt); repeatable"),
+    teacher_bits: Optional[int] = typer.Option(None, help="load the teacher in 8 or 4 bits (bitsandbytes)"),
+    trust_remote_code: bool = typer.Option(False, help="allow the teacher's own Python code (off by default)"),
+    seed: Optional[int] = typer.Option(None, help="random seed"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write the resolved config; train nothing"),
+    resume: bool = typer.Option(False, help="continue an interrupted build from its last finished stage/checkpoint"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Build student artifacts for one or more targets (default teacher, quick preset)."""
+    from edgedistill import config as cfgmod
+    from edgedistill.build import build as run_build
+
+    base = cfgmod.load_file(config) if config else None
+    overrides = _drop_none({
+        "teacher": teacher, "targets": list(target) if target else None, "out": str(out) if out else None,
+        "preset": preset, "seed": seed, "teacher_bits": teacher_bits,
+        "trust_remote_code": trust_remote_code or None,
+        "plan": {"compression": compression, "student": _student_shape(student), "context": context},
+        "distill": {"steps": steps, "temperature": temperature, "alpha": alpha},
+        "data": {"prompts": [str(p) for p in prompts] if prompts else None},
+    })
+    cfg = cfgmod.resolve(overrides, base)
+    raise typer.Exit(run_build(cfg, resume=resume, dry=dry_run, progress=progress, console=err))
+
+
+@app.command()
+def targets(name: Optional[str] = typer.Argument(None, help="a profile to show in full")):
+    """List the target profiles, or show one."""
+    from rich.table import Table
+
+    from edgedistill.targets import builtin_names, load_target
+
+    out = Console(width=max(Console().width, 110))  # a listing reads better unwrapped, also in a pipe
+    if name:
+        t = load_target(name)
+        out.print_json(t.model_dump_json())
+        return
+    table = Table("target", "RAM GB", "model GB", "file GB", "GB/s", "min tok/s", "context", "formats",
+                  caption="model GB: weights + KV cache + runtime; file GB: artifact; formats: first is trained for")
+    for n in builtin_names():
+        t = load_target(n)
+        table.add_row(n, f"{t.device.ram_gb:g}", f"{t.budget.memory_gb:g}", f"{t.budget.artifact_gb:g}",
+                      f"{t.device.bandwidth_gb_s:g}", f"{t.budget.min_decode_tok_s:g}", str(t.context),
+                      " ".join(f.split("-")[1] for f in t.formats))
+    out.print(table)
+
+
+@app.command()
+def inspect(artifact: Path = typer.Argument(..., help="a .gguf file or an ONNX folder")):
+    """What an artifact is: architecture, parameters, format, size."""
+    from edgedistill.inspect import describe_artifact
+
+    Console().print_json(data=describe_artifact(artifact))
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="OUT/<target> folder holding report.json")):
+    """Re-render report.md and report.html from report.json."""
+    from edgedistill.report import render
+
+    render(folder)
+    Console().print(f"rendered {folder / 'report.md'} and {folder / 'report.html'}")
+
+
+def main() -> None:
+    debug = os.environ.get("EDGEDISTILL_DEBUG") == "1"
+    try:
+        rc = app(standalone_mode=False)
+    except typer.Exit as e:
+        rc = e.exit_code
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; finished stages are kept. Continue with the same command and --resume")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 3
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set EDGEDISTILL_DEBUG=1 for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(3)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

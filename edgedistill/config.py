@@ -1,0 +1,145 @@
+"""The typed build config: presets, CLI overrides, and TOML/YAML load and dump for replay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal, Optional
+
+import tomli_w
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgedistill.errors import UserError
+
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentShape(_Section):
+    layers: int = Field(gt=0)
+    hidden: int = Field(gt=0)
+    intermediate: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+
+
+class PlanConfig(_Section):
+    compression: float = Field(4.0, ge=1.0, description="teacher params / student params")
+    student: Optional[StudentShape] = None
+    context: Optional[int] = Field(None, gt=0, description="overrides the target's context")
+
+
+class DataConfig(_Section):
+    prompts: list[str] = Field(default_factory=list, description="extra prompt/text files (JSONL or .txt)")
+    max_prompts: Optional[int] = Field(None, gt=0, description="cap on bundled + user prompts used")
+    heldout_fraction: float = Field(0.15, gt=0, lt=1)
+    max_new_tokens: int = Field(96, gt=0)
+    gen_batch_size: int = Field(16, gt=0)
+    max_len: int = Field(320, gt=16)
+
+
+class DistillConfig(_Section):
+    steps: int = Field(60, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seq_len: int = Field(256, gt=8)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(6, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)
+    qat: bool = True
+    qat_start_fraction: float = Field(0.5, ge=0, le=1, description="fake-quant switches on after this share of steps")
+    checkpoint_every: int = Field(20, gt=0)
+
+
+class ExportConfig(_Section):
+    onnx_block_size: Literal[16, 32, 64, 128] = 32
+
+
+class EvalConfig(_Section):
+    max_examples: int = Field(48, gt=0, description="held-out examples for quality and parity")
+    verify_tokens: int = Field(256, gt=8, description="held-out tokens fed to each runtime for parity")
+    profile_new_tokens: int = Field(32, gt=1)
+    profile_repeats: int = Field(3, gt=0)
+
+
+class BuildConfig(_Section):
+    teacher: str = DEFAULT_TEACHER
+    targets: list[str] = Field(default_factory=lambda: ["phone-4gb"], min_length=1)
+    out: str = "build"
+    preset: Literal["quick", "standard", "full"] = "quick"
+    seed: int = 0
+    teacher_bits: Optional[Literal[4, 8]] = None
+    trust_remote_code: bool = False
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def section_hash(self, *fields: str) -> str:
+        """Hash of the named config fields (dotted paths), for stage cache keys."""
+        dumped = self.model_dump(mode="json")
+        picked = {}
+        for f in fields:
+            v = dumped
+            for part in f.split("."):
+                v = v[part]
+            picked[f] = v
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+# Presets set the amount of work; everything else keeps its default. "quick" is sized to finish a
+# build of the default teacher in about 20 minutes on a 2-core CPU (see benchmarks/).
+PRESETS: dict[str, dict] = {
+    "quick": {"data": {"max_prompts": 240, "max_new_tokens": 96}, "distill": {"steps": 60}},
+    "standard": {"data": {"max_new_tokens": 160}, "distill": {"steps": 400, "batch_size": 16}},
+    "full": {"data": {"max_new_tokens": 256}, "distill": {"steps": 2000, "batch_size": 16, "seq_len": 512},
+             "eval": {"max_examples": 200}},
+}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(overrides: dict, base: Optional[dict] = None) -> BuildConfig:
+    """Preset values, then the base config (a replayed file), then explicit overrides, validated."""
+    merged = _deep_merge(base or {}, overrides)
+    preset = merged.get("preset", "quick")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    # A replayed full config already holds every preset value, so this only fills what a partial file leaves out.
+    merged = _deep_merge(PRESETS[preset], merged)
+    try:
+        return BuildConfig.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"invalid option {field}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot parse config: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must hold a table of settings")
+    return data
+
+
+def dump_toml(cfg: BuildConfig) -> str:
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return "# edgedistill build config; replay with: edgedistill build --config THIS_FILE\n" + tomli_w.dumps(data)

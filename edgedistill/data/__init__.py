@@ -1,0 +1,1 @@
+"""Data stage: bundled prompt sets, user prompt files, teacher answers and their tokenization."""

@@ -1,0 +1,166 @@
+"""Teacher answers to prompts (greedy, batched) and their tokenization into training records."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from edgedistill.data.prompts import USER_TEXT, Prompt
+
+
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered through the tokenizer's chat template."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # older/newer transformers may still return a mapping
+        out = out["input_ids"]
+    if out and isinstance(out[0], list):
+        out = out[0]
+    return [int(t) for t in out]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for t in (src if isinstance(src, (list, tuple)) else [src]):
+            if t is not None and int(t) not in ids:
+                ids.append(int(t))
+    if not ids:
+        raise ValueError("the tokenizer has no eos token; cannot tell where an answer ends")
+    return ids
+
+
+def generate_answers(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, batch_size: int,
+                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """The teacher's greedy answer to each prompt, in input order.
+
+    Each record is ``{"id", "category", "messages", "answer", "finished"}``; ``finished`` is False when the
+    answer hit ``max_new_tokens`` before the end-of-turn token. ``user_text`` prompts are not answered: their
+    record is ``{"id", "category", "text"}``. A chat that already ends with an assistant message keeps that
+    message as its answer. Prompts are batched by token length (left padding) to waste little on padding.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    total = len(prompts)
+    records: list[dict | None] = [None] * total
+    todo: list[tuple[int, list[int]]] = []
+    for i, p in enumerate(prompts):
+        if p.category == USER_TEXT:
+            records[i] = {"id": p.id, "category": p.category, "text": p.text}
+        elif p.messages[-1]["role"] == "assistant":
+            records[i] = {"id": p.id, "category": p.category, "messages": [dict(m) for m in p.messages[:-1]],
+                          "answer": p.messages[-1]["content"], "finished": True}
+        else:
+            todo.append((i, chat_ids(tokenizer, p.messages, add_generation_prompt=True)))
+    done = total - len(todo)
+    if progress is not None:
+        progress(done, total)
+
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    todo.sort(key=lambda t: len(t[1]))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                width = max(len(ids) for _, ids in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, (_, ids) in enumerate(batch):  # left padding
+                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                    attention[row, width - len(ids):] = 1
+                out = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    temperature=None, top_p=None, top_k=None,
+                    eos_token_id=eos, pad_token_id=pad,
+                )
+                new = out[:, width:].tolist()
+                for row, (i, _) in enumerate(batch):
+                    toks = new[row]
+                    stop = next((k for k, t in enumerate(toks) if t in eos), None)
+                    answer_ids = toks if stop is None else toks[:stop]
+                    p = prompts[i]
+                    records[i] = {
+                        "id": p.id, "category": p.category, "messages": [dict(m) for m in p.messages],
+                        "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
+                        "finished": stop is not None,
+                    }
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        if was_training:
+            model.train()
+    return records  # type: ignore[return-value]
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = {int(t) for t in tokenizer.all_special_ids}
+    for tid, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(tid))
+    return ids
+
+
+def tokenize_records(tokenizer, records: Iterable[dict], *, max_len: int) -> list[dict]:
+    """Training sequences ``{"id", "category", "input_ids", "loss_mask"}``.
+
+    A chat record becomes the full templated conversation (messages + the assistant answer) cut right after
+    the answer's end-of-turn token; ``loss_mask`` is 1 on the answer tokens and that end-of-turn token, 0 on
+    the prompt. A text record is its text's tokens, all with mask 1. Sequences longer than ``max_len`` are
+    cut on the right (a long prompt can leave no answer tokens: such a record has an all-zero mask).
+    """
+    if max_len < 1:
+        raise ValueError("max_len must be >= 1")
+    special = _special_ids(tokenizer)
+    out = []
+    for r in records:
+        if "answer" not in r:
+            if "text" not in r:
+                raise ValueError(f"record {r.get('id')!r} has neither 'answer' nor 'text'")
+            ids = [int(t) for t in tokenizer(r["text"], add_special_tokens=False)["input_ids"]]
+            mask = [1] * len(ids)
+        else:
+            prompt_ids = chat_ids(tokenizer, r["messages"], add_generation_prompt=True)
+            full = chat_ids(tokenizer, list(r["messages"]) + [{"role": "assistant", "content": r["answer"]}],
+                            add_generation_prompt=False)
+            n = len(prompt_ids)
+            if full[:n] != prompt_ids:
+                raise ValueError(f"record {r['id']!r}: the chat template does not tokenize the conversation with "
+                                 "the prompt as a prefix; cannot locate the answer tokens")
+            end = next((k for k in range(n, len(full)) if full[k] in special), len(full) - 1)
+            ids = full[:end + 1]
+            mask = [0] * n + [1] * (end + 1 - n)
+        out.append({"id": r["id"], "category": r["category"], "input_ids": ids[:max_len],
+                    "loss_mask": mask[:max_len]})
+    return out
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Write one JSON object per line; the file appears under its name only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

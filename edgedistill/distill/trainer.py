@@ -1,0 +1,255 @@
+"""The distillation loop: a student learns the frozen teacher's next-token distribution.
+
+One process on a laptop CPU or many GPUs under `accelerate launch`: the same code, because model,
+optimizer and data go through accelerate.Accelerator. Checkpoints are written atomically and hold
+everything a resumed run needs to end with bit-identical weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+from torch.utils.data import DataLoader, TensorDataset
+
+from edgedistill.distill.losses import kd_loss
+from edgedistill.distill.qat import disable_fake_quant, enable_fake_quant, fake_quant_format
+from edgedistill.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int  # rows per process per step
+    seq_len: int
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    temperature: float = 2.0
+    alpha: float = 0.7
+    qat_format: str | None = None
+    qat_start_step: int = 0
+    checkpoint_every: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def pack_rows(examples: list[dict], seq_len: int, rows: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Pack examples into `rows` training rows: (input_ids, labels, labels_mask), each [rows, seq_len].
+
+    The examples are concatenated into one token stream, in a fresh seeded order each epoch,
+    repeating the set until the stream is long enough. Row r covers stream tokens
+    [r*seq_len, r*seq_len + seq_len + 1): inputs are its first seq_len tokens, labels its last
+    seq_len, so rows overlap by one token and no prediction is lost at a cut.
+
+    loss_mask[i] == 1 marks token i as one the model should learn to produce (an answer token), so
+    the mask of input position t is the loss_mask of its label, token t + 1.
+
+    Packing wastes no compute on padding. Attention does cross example boundaries within a row,
+    as in GPT pretraining; each example starts with its own chat header, and the teacher sees the
+    very same context as the student, so the targets stay consistent with the inputs.
+    """
+    if not examples or not any(len(e["input_ids"]) for e in examples):
+        raise UserError("no training examples to distill on")
+    ids = [torch.tensor(e["input_ids"], dtype=torch.long) for e in examples]
+    masks = [torch.tensor(e["loss_mask"], dtype=torch.long) for e in examples]
+    if any(len(i) != len(m) for i, m in zip(ids, masks)):
+        raise ValueError("every example needs a loss_mask as long as its input_ids")
+
+    need = rows * seq_len + 1
+    g = torch.Generator().manual_seed(seed)
+    stream_ids, stream_mask, have = [], [], 0
+    while have < need:
+        for i in torch.randperm(len(examples), generator=g).tolist():
+            stream_ids.append(ids[i])
+            stream_mask.append(masks[i])
+            have += len(ids[i])
+    stream_ids = torch.cat(stream_ids)[:need]
+    stream_mask = torch.cat(stream_mask)[:need]
+
+    index = torch.arange(rows)[:, None] * seq_len + torch.arange(seq_len + 1)
+    row_ids, row_mask = stream_ids[index], stream_mask[index]
+    return row_ids[:, :-1].contiguous(), row_ids[:, 1:].contiguous(), row_mask[:, 1:].contiguous()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    min_lr = cfg.min_lr_ratio * cfg.lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.fields.get('tok_s', 0.0):,.0f} tok/s", style="cyan")
+
+
+class _Loss(ProgressColumn):
+    def render(self, task) -> Text:
+        loss = task.fields.get("loss")
+        return Text("loss  -   " if loss is None else f"loss {loss:.4f}", style="magenta")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), _Loss(), _TokensPerSecond(),
+                    TextColumn("eta"), TimeRemainingColumn(), disable=not enabled)
+
+
+# Fields of TrainConfig that do not change what is computed; a checkpoint stays valid across them.
+_NOT_IN_RUN_IDENTITY = ("checkpoint_every",)
+
+
+def _run_identity(cfg: TrainConfig, data: tuple[torch.Tensor, ...], world: int) -> dict:
+    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_RUN_IDENTITY}
+    digest = hashlib.sha256()
+    for t in data:
+        digest.update(t.numpy().tobytes())
+    return {"config": fields, "data_sha256": digest.hexdigest(), "processes": world}
+
+
+def _latest_checkpoint(workdir: Path) -> Path | None:
+    # "ckpt.old" survives only if a save died between its two renames; it is then the newest.
+    for name in ("ckpt", "ckpt.old"):
+        if (workdir / name / "meta.json").is_file():
+            return workdir / name
+    return None
+
+
+def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dict, workdir: Path) -> None:
+    """Write the checkpoint to ckpt.tmp, then swap it in for ckpt; meta.json is written last."""
+    tmp, final, old = workdir / "ckpt.tmp", workdir / "ckpt", workdir / "ckpt.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # Checkpoints hold the plain float master weights under their usual names; the fake-quant
+    # parametrizations are recreated from meta["qat"] on resume.
+    fmt = fake_quant_format(model)
+    disable_fake_quant(model)
+    # accelerate warns that it drops a tied lm_head.weight from the safetensors file; loading
+    # embed_tokens.weight back into the one shared Parameter restores both, so the warning is noise.
+    other = logging.getLogger("accelerate.utils.other")
+    level = other.level
+    other.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        other.setLevel(level)
+    if fmt is not None:
+        enable_fake_quant(model, fmt)
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: Path, *, resume: bool = False,
+            progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train `student` to match `teacher` on `examples`; returns the run's figures.
+
+    resume=True continues from workdir/ckpt when it belongs to the same run (config and data);
+    otherwise training starts over. stop_after=N stops after step N as if the process had been
+    killed there (for tests). The student is left in eval mode with plain float weights.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+
+    # ---- data: every row the run will see, in order; processes take alternate batches
+    rows = cfg.steps * cfg.batch_size * accelerator.num_processes
+    data = pack_rows(examples, cfg.seq_len, rows, cfg.seed)
+    loader = DataLoader(TensorDataset(*data), batch_size=cfg.batch_size, shuffle=False)
+    identity = _run_identity(cfg, data, accelerator.num_processes)
+
+    # ---- models and optimizer; norms and biases are not weight-decayed
+    teacher.eval().requires_grad_(False).to(accelerator.device)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    model = accelerator.unwrap_model(student)
+
+    # ---- resume: weights, optimizer moments and RNG states come back with load_state
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "qat": None}
+    ckpt = _latest_checkpoint(workdir) if resume else None
+    if ckpt is not None:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if meta["identity"] == identity:
+            accelerator.load_state(str(ckpt))
+            state = meta["state"]
+            if state["qat"]:
+                enable_fake_quant(model, state["qat"])
+        else:
+            accelerator.print(f"checkpoint {ckpt} is from a different run (config or data); starting over")
+
+    resumed_from = state["step"]
+    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    batches = iter(accelerator.skip_first_batches(loader, state["step"]))
+    session_tokens, t0, seconds0 = 0, time.perf_counter(), state["seconds"]
+    bar = _progress_bar(progress and accelerator.is_main_process)
+    with bar:
+        task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
+        for step in range(state["step"], last):
+            if cfg.qat_format and step >= cfg.qat_start_step and not state["qat"]:
+                enable_fake_quant(model, cfg.qat_format)
+                state["qat"] = cfg.qat_format
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            inputs, labels, mask = next(batches)
+            with torch.inference_mode(), accelerator.autocast():
+                teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
+            student_logits = student(input_ids=inputs, use_cache=False).logits
+            loss, _ = kd_loss(student_logits, teacher_logits, mask, labels,
+                              temperature=cfg.temperature, alpha=cfg.alpha)
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            step_tokens = inputs.numel() * accelerator.num_processes
+            session_tokens += step_tokens
+            elapsed = time.perf_counter() - t0
+            state.update(step=step + 1, tokens=state["tokens"] + step_tokens, seconds=seconds0 + elapsed)
+            state["loss_curve"].append(round(loss_value, 4))
+            bar.update(task, advance=1, loss=loss_value, tok_s=session_tokens / max(elapsed, 1e-9))
+
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+                _save_checkpoint(accelerator, model, {"identity": identity, "state": state}, workdir)
+
+    disable_fake_quant(model)
+    model.eval()
+    accelerator.wait_for_everyone()
+    curve = state["loss_curve"]
+    return {
+        "steps": state["step"],
+        "resumed_from": resumed_from,
+        "tokens": state["tokens"],
+        "seconds": round(state["seconds"], 3),
+        "tokens_per_s": round(state["tokens"] / state["seconds"], 1) if state["seconds"] > 0 else 0.0,
+        "final_loss": curve[-1] if curve else None,
+        "loss_curve": curve,
+    }

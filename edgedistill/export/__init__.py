@@ -1,0 +1,1 @@
+"""Exporters: write a trained student as on-device artifacts (GGUF, ONNX)."""

@@ -1,0 +1,32 @@
+"""Stage `export`: write each of the target's formats from the distilled student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgedistill.formats import FORMATS
+from edgedistill.progress import task_progress
+
+
+def artifact_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(ctx) -> dict:
+    from edgedistill.export.gguf import export_gguf
+    from edgedistill.export.onnx import export_onnx
+
+    student_dir = ctx["distill"].path("student")
+    tokenizer_gguf = ctx["teacher"].summary.get("tokenizer_gguf")
+    artifacts = {}
+    with task_progress("export", len(ctx.target.formats), ctx.session.progress) as advance:
+        for name in ctx.target.formats:
+            fmt = FORMATS[name]
+            out = ctx.dir / fmt.artifact_name
+            if fmt.runtime == "llamacpp":
+                export_gguf(student_dir, out, name, tokenizer_gguf=Path(tokenizer_gguf) if tokenizer_gguf else None)
+            else:
+                export_onnx(student_dir, out, name, block_size=ctx.cfg.export.onnx_block_size)
+            artifacts[name] = {"file": fmt.artifact_name, "bytes": artifact_bytes(out)}
+            advance()
+    return {"artifacts": artifacts}

@@ -1,0 +1,1 @@
+"""Measurement: output quality against the teacher, host profiling, and projection to targets."""

@@ -1,0 +1,215 @@
+"""Stage runner: cache keys, skip-if-unchanged, resume, per-target fan-out, and publishing OUT/<target>/.
+
+A stage is a plain function `run(ctx) -> dict` (its summary). It writes files into `ctx.dir` only.
+Its cache key hashes the config fields it reads and the outputs of the stages it comes after, so a
+second target whose plan is the same reuses the student, and a re-run reuses everything unchanged.
+Each stage's folder is written as `<name>-<key>.partial` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console
+
+from edgedistill.config import BuildConfig
+from edgedistill.targets import TargetProfile
+
+STAGE_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[["StageContext"], dict]
+    # upstream stage -> the field of its summary this stage depends on (None: all of its outputs)
+    after: dict[str, Optional[str]]
+    reads: tuple[str, ...] = ()  # dotted config fields; "target.x.y" reads the target profile
+    extra: Optional[Callable[[BuildConfig], str]] = None  # identity of inputs outside the config
+    version: int = 1  # bump when a stage's code changes what it writes
+
+
+@dataclass
+class Record:
+    """A finished stage: where its files are and what it said."""
+
+    name: str
+    key: str
+    dir: Path
+    summary: dict
+    outputs_hash: str
+    cached: bool = False
+    seconds: float = 0.0
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+
+@dataclass
+class Session:
+    """State shared by all stages and targets of one build: the loaded teacher, the console."""
+
+    cfg: BuildConfig
+    console: Console
+    resume: bool = False
+    progress: bool = True
+    _teacher: Optional[tuple] = None
+    _stage_cache: dict = field(default_factory=dict)
+
+    def teacher(self, record: Record):
+        """The teacher model and tokenizer, loaded once per build from the teacher stage's snapshot."""
+        if self._teacher is None:
+            from edgedistill.teacher import load_snapshot
+
+            self._teacher = load_snapshot(record.path("teacher"))
+        return self._teacher
+
+
+@dataclass
+class StageContext:
+    cfg: BuildConfig
+    target: TargetProfile
+    dir: Path
+    upstream: dict[str, Record]
+    session: Session
+
+    def __getitem__(self, name: str) -> Record:
+        return self.upstream[name]
+
+    @property
+    def console(self) -> Console:
+        return self.session.console
+
+
+def _read_field(cfg: BuildConfig, target: TargetProfile, dotted: str):
+    root, _, rest = dotted.partition(".")
+    value = target.model_dump(mode="json") if root == "target" else cfg.model_dump(mode="json")
+    parts = rest.split(".") if root == "target" else dotted.split(".")
+    for p in filter(None, parts):
+        value = value[p]
+    return value
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_key(stage: Stage, cfg: BuildConfig, target: TargetProfile, upstream: dict[str, Record]) -> str:
+    parts = {
+        "stage": stage.name,
+        "version": stage.version,
+        "reads": {f: _read_field(cfg, target, f) for f in stage.reads},
+        "after": {n: (upstream[n].outputs_hash if sel is None else _digest(upstream[n].summary.get(sel)))
+                  for n, sel in stage.after.items()},
+        "extra": stage.extra(cfg) if stage.extra else None,
+    }
+    return _digest(parts)[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _outputs(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): file_sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STAGE_FILE and "ckpt" not in p.parts}
+
+
+def _load_record(stage: Stage, key: str, folder: Path) -> Optional[Record]:
+    marker = folder / STAGE_FILE
+    if not marker.is_file():
+        return None
+    data = json.loads(marker.read_text())
+    if data.get("key") != key:
+        return None
+    return Record(stage.name, key, folder, data["summary"], data["outputs_hash"], cached=True,
+                  seconds=data.get("seconds", 0.0))
+
+
+def stages_root(cfg: BuildConfig) -> Path:
+    return Path(cfg.out) / ".stages"
+
+
+def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: dict[str, Record]) -> Record:
+    cfg = session.cfg
+    key = stage_key(stage, cfg, target, upstream)
+    final = stages_root(cfg) / f"{stage.name}-{key}"
+    record = session._stage_cache.get(final) or _load_record(stage, key, final)
+    if record is not None:
+        session._stage_cache[final] = record
+        return record
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists() and not session.resume:
+        shutil.rmtree(partial)  # a crashed attempt; without --resume start the stage afresh
+    partial.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(cfg, target, partial, {n: upstream[n] for n in stage.after}, session)
+    t0 = time.perf_counter()
+    summary = stage.run(ctx)
+    seconds = time.perf_counter() - t0
+    outputs = _outputs(partial)
+    outputs_hash = _digest({"outputs": outputs, "summary": summary})
+    write_json_atomic(partial / STAGE_FILE, {"stage": stage.name, "key": key, "summary": summary,
+                                             "outputs": outputs, "outputs_hash": outputs_hash,
+                                             "seconds": round(seconds, 2)})
+    shutil.rmtree(partial / "ckpt", ignore_errors=True)  # training checkpoints are only for resuming
+    os.replace(partial, final)
+    record = Record(stage.name, key, final, summary, outputs_hash, cached=False, seconds=seconds)
+    session._stage_cache[final] = record
+    return record
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_target(stages: list[Stage], session: Session, target: TargetProfile) -> dict[str, Record]:
+    records: dict[str, Record] = {}
+    for stage in stages:
+        label = f"[bold]{stage.name}[/bold] [dim]({target.name})[/dim]"
+        session.console.print(f"▶ {label}")
+        rec = run_stage(stage, session, target, records)
+        note = "cached" if rec.cached else f"{rec.seconds:.1f}s"
+        session.console.print(f"  [green]✓[/green] {stage.name} {note}")
+        records[stage.name] = rec
+    return records
+
+
+def publish(out: Path, target: TargetProfile, files: dict[str, Path]) -> Path:
+    """Assemble OUT/<target>/ from stage outputs (hard links where possible), swapped in whole."""
+    final = out / target.name
+    staging = out / f".{target.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, src in files.items():
+        dst = staging / name
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+    old = out / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,750 @@
+"""The build report: report.json is the source of truth; report.md and report.html are rendered from it.
+
+Minimum schema (DESIGN.md, schema_version 1):
+    schema_version, target, ok, teacher{id, params},
+    student{params, shape{layers, hidden, intermediate, heads, kv_heads}},
+    quality{teacher, student_init, student} (each: top1_agreement, kl, perplexity, ...),
+    artifacts[{file, format, bytes, sha256, parity{top1_agreement, kl},
+               host{decode_tok_s, prefill_tok_s, ttft_ms, peak_rss_mb},
+               projected{decode_tok_s, ttft_ms, footprint_mb, energy_j_per_100_tokens},
+               checks[{name, value, limit, ok, basis, ...}], ok}]
+
+Optional fields the renderers show when present:
+    report: target_profile (TargetProfile.model_dump()), host (measure.profile.host_info()),
+            timings_s {stage: seconds}, created, edgedistill_version, config_hash, notes [str]
+    artifact: memory_tier, footprint {weights_mb, kv_cache_mb, overhead_mb, total_mb, basis},
+              projected.{prefill_tok_s, battery_pct_per_hour, basis}, host.{basis, stats, load_s, n_threads}
+    check: unit, op, margin_pct, message (as edgedistill.budget writes them)
+
+Everything else in the report is kept in report.json as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+from edgedistill.budget import fmt_num, fmt_pct
+from edgedistill.errors import UserError
+
+SCHEMA_VERSION = 1
+JSON_NAME, MD_NAME, HTML_NAME = "report.json", "report.md", "report.html"
+
+_REQUIRED = (
+    "schema_version", "target", "ok", "teacher.id", "teacher.params", "student.params",
+    *(f"student.shape.{k}" for k in ("layers", "hidden", "intermediate", "heads", "kv_heads")),
+    "quality.teacher", "quality.student_init", "quality.student", "artifacts",
+)
+_REQUIRED_ARTIFACT = (
+    "file", "format", "bytes", "sha256", "parity.top1_agreement", "parity.kl",
+    *(f"host.{k}" for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb")),
+    *(f"projected.{k}" for k in ("decode_tok_s", "ttft_ms", "footprint_mb", "energy_j_per_100_tokens")),
+    "checks", "ok",
+)
+_QUALITY_ORDER = ("top1_agreement", "kl", "perplexity")
+_QUALITY_COLS = (("teacher", "Teacher"), ("student_init", "Untrained student"), ("student", "Distilled student"))
+_CHECK_TITLES = {
+    "footprint_mb": "Memory footprint", "artifact_mb": "Artifact size", "decode_tok_s": "Decode speed",
+    "ttft_ms": "Time to first token", "energy_j_per_100_tokens": "Energy per 100 tokens",
+    "battery_pct_per_hour": "Battery per hour of chat",
+}
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+
+def write_reports(report: dict, out_dir: Path) -> None:
+    """Write report.json atomically, then render report.md and report.html from it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _clean(report)
+    data.setdefault("schema_version", SCHEMA_VERSION)
+    _atomic_write(out_dir / JSON_NAME, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    render(out_dir)
+
+
+def render(out_dir: Path) -> None:
+    """(Re-)render report.md and report.html from the report.json in `out_dir`."""
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    _atomic_write(out_dir / MD_NAME, to_markdown(report))
+    _atomic_write(out_dir / HTML_NAME, to_html(report))
+
+
+def load_report(path: Path) -> dict:
+    """report.json from a folder or a file path."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / JSON_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no report found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a report (expected a JSON object)")
+    return data
+
+
+def missing_fields(report: dict) -> list[str]:
+    """Dotted paths of the DESIGN.md minimum schema that `report` lacks (empty when complete)."""
+    missing = [p for p in _REQUIRED if not _has(report, p)]
+    for i, art in enumerate(report.get("artifacts") or []):
+        missing += [f"artifacts[{i}].{p}" for p in _REQUIRED_ARTIFACT if not _has(art, p)]
+        for j, chk in enumerate(art.get("checks") or []):
+            missing += [f"artifacts[{i}].checks[{j}].{k}" for k in ("name", "value", "limit", "ok", "basis")
+                        if k not in chk]
+    return missing
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _has(d, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
+def _clean(obj):
+    """JSON-safe copy: numpy scalars and arrays to Python, Paths to str, NaN/inf to None."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump()
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return _clean(obj.tolist())
+    if hasattr(obj, "item"):
+        return _clean(obj.item())
+    return str(obj)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": created with the usual umask permissions
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _num(x) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    if isinstance(x, (int, float)) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def _f(x, unit: str = "") -> str:
+    v = _num(x)
+    if v is None:
+        return "n/a" if x is None else str(x)
+    return f"{fmt_num(v)} {unit}".strip()
+
+
+def _mb(nbytes) -> str:
+    v = _num(nbytes)
+    return "n/a" if v is None else f"{fmt_num(v / 1e6)} MB"
+
+
+def _params(n) -> str:
+    v = _num(n)
+    return "n/a" if v is None else f"{fmt_num(v / 1e6)}M"
+
+
+def _pct(x) -> str:
+    v = _num(x)
+    return "n/a" if v is None else f"{fmt_num(100 * v)}%"
+
+
+def _verdict(ok) -> str:
+    return "PASS" if ok is True else ("FAIL" if ok is False else "n/a")
+
+
+def _normalize(report: dict) -> dict:
+    """A copy with every field the renderers read present (missing optional fields become None/{})."""
+    r = copy.deepcopy(report) if isinstance(report, dict) else {}
+    r.setdefault("schema_version", SCHEMA_VERSION)
+    r.setdefault("target", "unknown target")
+    r.setdefault("ok", None)
+    r["teacher"] = {"id": None, "params": None, **(r.get("teacher") or {})}
+    student = {"params": None, **(r.get("student") or {})}
+    student["shape"] = {k: None for k in ("layers", "hidden", "intermediate", "heads", "kv_heads")} | (
+        student.get("shape") or {})
+    r["student"] = student
+    q = r.get("quality") or {}
+    r["quality"] = {k: (q.get(k) or {}) for k, _ in _QUALITY_COLS} | {k: v for k, v in q.items()
+                                                                      if k not in dict(_QUALITY_COLS)}
+    arts = []
+    for a in r.get("artifacts") or []:
+        a = {"file": "?", "format": "?", "bytes": None, "sha256": None, "ok": None, "memory_tier": None, **a}
+        for key in ("parity", "host", "projected", "footprint"):
+            a[key] = a.get(key) or {}
+        a["checks"] = [c for c in (a.get("checks") or []) if isinstance(c, dict)]
+        arts.append(a)
+    r["artifacts"] = arts
+    for key in ("target_profile", "host", "timings_s"):
+        r[key] = r.get(key) or {}
+    r["notes"] = r.get("notes") or []
+    return r
+
+
+def _shape_text(s: dict) -> str:
+    sh = s["shape"]
+    parts = [f"{sh['layers']} layers" if sh["layers"] is not None else None,
+             f"hidden {sh['hidden']}" if sh["hidden"] is not None else None,
+             f"intermediate {sh['intermediate']}" if sh["intermediate"] is not None else None,
+             f"{sh['heads']} heads" if sh["heads"] is not None else None,
+             f"{sh['kv_heads']} KV heads" if sh["kv_heads"] is not None else None]
+    parts = [p for p in parts if p]
+    return f"{_params(s['params'])} params" + (": " + ", ".join(parts) if parts else "")
+
+
+def _summary_line(r: dict) -> tuple[str, list[str]]:
+    checks = [c for a in r["artifacts"] for c in a["checks"]]
+    failed = [f"{a['file']}: {c.get('message') or c.get('name')}" for a in r["artifacts"] for c in a["checks"]
+              if not c.get("ok")]
+    if r["ok"] is True:
+        return f"PASS: every budget met on {r['target']} ({len(checks)} checks).", []
+    if r["ok"] is False:
+        return f"FAIL: {len(failed)} of {len(checks)} checks failed on {r['target']}.", failed
+    return f"No verdict recorded for {r['target']}.", failed
+
+
+_OP_SIGNS = {"<=": "\u2264", ">=": "\u2265"}
+
+
+def _check_row(c: dict) -> list[str]:
+    unit = c.get("unit") or ""
+    op = _OP_SIGNS.get(c.get("op"), c.get("op") or "")
+    return [_CHECK_TITLES.get(c.get("name"), str(c.get("name"))) + f" (`{c.get('name')}`)",
+            _f(c.get("value"), unit), f"{op} {_f(c.get('limit'), unit)}".strip(),
+            fmt_pct(_num(c.get("margin_pct"))) if _num(c.get("margin_pct")) is not None else "n/a",
+            str(c.get("basis") or "n/a"), "ok" if c.get("ok") else "FAIL"]
+
+
+def _host_rows(h: dict) -> list[list[str]]:
+    stats = h.get("stats") or {}
+
+    def spread(key, unit):
+        s = stats.get(key) or {}
+        if _num(s.get("min")) is None or _num(s.get("max")) is None:
+            return ""
+        return f" (min {fmt_num(s['min'])}, max {fmt_num(s['max'])} {unit})"
+
+    rows = [["Decode", _f(h.get("decode_tok_s"), "tok/s") + spread("decode_tok_s", "tok/s")],
+            ["Prefill", _f(h.get("prefill_tok_s"), "tok/s") + spread("prefill_tok_s", "tok/s")],
+            ["Time to first token", _f(h.get("ttft_ms"), "ms") + spread("ttft_ms", "ms")],
+            ["Peak RSS", _f(h.get("peak_rss_mb"), "MB")]]
+    if _num(h.get("baseline_rss_mb")) is not None:
+        rows.append(["RSS before loading", _f(h.get("baseline_rss_mb"), "MB")])
+    if _num(h.get("load_s")) is not None:
+        rows.append(["Load time", _f(h.get("load_s"), "s")])
+    if h.get("n_threads") is not None:
+        rows.append(["Threads", str(h["n_threads"])])
+    return rows
+
+
+def _projected_rows(p: dict, fp: dict) -> list[list[str]]:
+    rows = [["Decode", _f(p.get("decode_tok_s"), "tok/s")],
+            ["Prefill", _f(p.get("prefill_tok_s"), "tok/s")],
+            ["Time to first token", _f(p.get("ttft_ms"), "ms")],
+            ["Memory footprint", _f(p.get("footprint_mb"), "MB")],
+            ["Energy per 100 tokens", _f(p.get("energy_j_per_100_tokens"), "J")]]
+    if "battery_pct_per_hour" in p:
+        bat = p.get("battery_pct_per_hour")
+        rows.append(["Battery per hour of chat", "n/a (mains powered)" if bat is None else _f(bat, "%")])
+    if fp:
+        rows.append(["Footprint breakdown", f"weights {_f(fp.get('weights_mb'), 'MB')} + KV cache "
+                     f"{_f(fp.get('kv_cache_mb'), 'MB')} + runtime {_f(fp.get('overhead_mb'), 'MB')}"])
+    return rows
+
+
+def _quality_rows(q: dict) -> list[list[str]]:
+    keys = [k for k in _QUALITY_ORDER]
+    for col, _ in _QUALITY_COLS:
+        keys += [k for k in q[col] if k not in keys]
+    rows = []
+    for k in keys:
+        cells = []
+        for col, _ in _QUALITY_COLS:
+            v = q[col].get(k)
+            cells.append(_pct(v) if k == "top1_agreement" and _num(v) is not None else _f(v))
+        rows.append([k] + cells)
+    return rows
+
+
+def _budget_rows(tp: dict) -> list[list[str]]:
+    b, d = tp.get("budget") or {}, tp.get("device") or {}
+    rows = []
+    if b.get("memory_gb") is not None:
+        rows.append(["Memory (weights + KV + runtime)", f"\u2264 {fmt_num(b['memory_gb'] * 1000)} MB"])
+    if b.get("artifact_gb") is not None:
+        rows.append(["Artifact size", f"\u2264 {fmt_num(b['artifact_gb'] * 1000)} MB"])
+    if b.get("min_decode_tok_s") is not None:
+        rows.append(["Decode", f"\u2265 {fmt_num(b['min_decode_tok_s'])} tok/s"])
+    if b.get("max_ttft_s") is not None:
+        rows.append(["Time to first token", f"\u2264 {fmt_num(b['max_ttft_s'] * 1000)} ms for "
+                     f"{b.get('prompt_tokens', '?')} prompt tokens"])
+    if b.get("max_energy_j_per_100_tok") is not None:
+        rows.append(["Energy", f"\u2264 {fmt_num(b['max_energy_j_per_100_tok'])} J per 100 tokens"])
+    if b.get("max_battery_pct_per_hour") is not None:
+        rows.append(["Battery", f"\u2264 {fmt_num(b['max_battery_pct_per_hour'])}% per hour of chat"])
+    if tp.get("context") is not None:
+        rows.append(["Context", f"{tp['context']} tokens"])
+    if d:
+        rows.append(["Device model", f"{_f(d.get('bandwidth_gb_s'), 'GB/s')}, "
+                     f"{_f(d.get('compute_gflops'), 'GFLOP/s')}, {_f(d.get('active_power_w'), 'W')}, battery "
+                     f"{_f(d.get('battery_wh'), 'Wh') if d.get('battery_wh') is not None else 'none (mains)'}"])
+    if tp.get("formats"):
+        rows.append(["Formats", ", ".join(tp["formats"])])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- markdown
+
+
+def _md_escape(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(_md_escape(h) for h in headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def to_markdown(report: dict) -> str:
+    r = _normalize(report)
+    head, failed = _summary_line(r)
+    t, s = r["teacher"], r["student"]
+    lines = [f"# edgedistill report: {r['target']}", "", f"**{head}**", ""]
+    lines += [f"- {m}" for m in failed] + ([""] if failed else [])
+    overview = [["Teacher", f"{t['id'] or 'n/a'} ({_params(t['params'])} params)"],
+                ["Student", _shape_text(s)]]
+    if _num(t["params"]) and _num(s["params"]):
+        overview.append(["Compression", f"{fmt_num(t['params'] / s['params'])}x fewer parameters"])
+    if r["target_profile"].get("description"):
+        overview.append(["Target", r["target_profile"]["description"]])
+    for key, label in (("created", "Built"), ("edgedistill_version", "edgedistill"), ("config_hash", "Config hash")):
+        if r.get(key):
+            overview.append([label, str(r[key])])
+    lines += [_md_table(["", ""], overview), ""]
+    lines += [f"- {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
+
+    if r["target_profile"]:
+        lines += [f"## Budgets of {r['target']}", "", _md_table(["Budget", "Limit"], _budget_rows(r["target_profile"])),
+                  ""]
+
+    lines += ["## Artifacts", ""]
+    if not r["artifacts"]:
+        lines += ["No artifacts were recorded.", ""]
+    else:
+        lines += [_md_table(["Artifact", "Format", "Size", "Memory tier", "Verdict"],
+                            [[a["file"], a["format"], _mb(a["bytes"]), a["memory_tier"] or "n/a", _verdict(a["ok"])]
+                             for a in r["artifacts"]]), ""]
+    for a in r["artifacts"]:
+        lines += [f"### {a['file']} ({a['format']}): {_verdict(a['ok'])}", ""]
+        if a["sha256"]:
+            lines += [f"sha256 `{a['sha256']}`", ""]
+        if a["checks"]:
+            lines += [_md_table(["Check", "Value", "Limit", "Margin", "Basis", "Result"],
+                                [_check_row(c) for c in a["checks"]]), ""]
+            lines += [f"- {'ok' if c.get('ok') else 'FAIL'}: {c.get('message') or c.get('name')}" for c in a["checks"]]
+            lines.append("")
+        p = a["parity"]
+        if p:
+            lines += [f"Parity with the unquantized student: top-1 agreement {_pct(p.get('top1_agreement'))}, "
+                      f"KL {_f(p.get('kl'))}.", ""]
+        lines += ["Measured on the build host:", "", _md_table(["Figure", "Value"], _host_rows(a["host"])), ""]
+        if a["host"].get("basis"):
+            lines += [f"_How:_ {a['host']['basis']}", ""]
+        lines += [f"Projected on {r['target']}:", "",
+                  _md_table(["Figure", "Value"], _projected_rows(a["projected"], a["footprint"])), ""]
+        if a["projected"].get("basis"):
+            lines += [f"_Model:_ {a['projected']['basis']}", ""]
+        if a["footprint"].get("basis"):
+            lines += [f"_Memory:_ {a['footprint']['basis']}", ""]
+
+    lines += ["## Quality on held-out prompts", ""]
+    qrows = _quality_rows(r["quality"])
+    lines += [_md_table(["Metric"] + [label for _, label in _QUALITY_COLS], qrows) if qrows
+              else "No quality figures were recorded.", ""]
+
+    if r["host"]:
+        h = r["host"]
+        rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else
+                 (", ".join(f"{kk} {vv}" for kk, vv in v.items() if vv) if isinstance(v, dict) else str(v))]
+                for k, v in h.items() if v not in (None, [], {})]
+        lines += ["## Build host", "", _md_table(["", ""], rows), ""]
+    if r["timings_s"]:
+        rows = [[str(k), _f(v, "s")] for k, v in r["timings_s"].items()]
+        total = sum(_num(v) or 0 for v in r["timings_s"].values())
+        rows.append(["total", _f(total, "s")])
+        lines += ["## Stage timings", "", _md_table(["Stage", "Time"], rows), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- html
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:980px;
+padding:0 1rem;color:#1f2328;background:#fff}
+h1{font-size:1.6rem;margin-bottom:.3rem}h2{margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}
+h3{margin-top:1.6rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;vertical-align:top}
+th{background:#f6f8fa}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
+.banner{padding:.7rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
+.banner.pass{background:#dafbe1;border:1px solid #1a7f37}.banner.fail{background:#ffebe9;border:1px solid #cf222e}
+.banner.none{background:#f6f8fa;border:1px solid #d0d7de}
+.basis{color:#57606a;font-size:.85rem}
+code{font-size:.82rem;background:#f6f8fa;padding:.1rem .3rem;border-radius:4px;word-break:break-all}
+svg{display:block;margin:.6rem 0;max-width:100%;height:auto}
+svg text{font-family:system-ui,sans-serif}
+"""
+_GREEN, _RED, _GREY = "#2da44e", "#cf222e", "#8c959f"
+_SEGMENTS = (("weights_mb", "weights", "#0969da"), ("kv_cache_mb", "KV cache", "#bf8700"),
+             ("overhead_mb", "runtime overhead", "#8c959f"))
+_QCOLORS = ("#6e7781", "#d0d7de", "#1a7f37")
+
+
+def _e(s) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _html_table(headers: list[str] | None, rows: list[list[str]], raw_cols: tuple[int, ...] = ()) -> str:
+    out = ["<table>"]
+    if headers:
+        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{c if i in raw_cols else _e(c)}</td>" for i, c in enumerate(row)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _svg_checks(checks: list[dict]) -> str:
+    """One row per check: the value as a bar, the limit as a dashed line (log scale when they differ a lot)."""
+    if not checks:
+        return ""
+    row_h, x0, x1, w = 40, 200, 560, 780
+    h = row_h * len(checks) + 16
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" font-family="system-ui, sans-serif" '
+             f'role="img" aria-label="checks: value against limit">']
+    for i, c in enumerate(checks):
+        y = 8 + i * row_h
+        v, lim = _num(c.get("value")), _num(c.get("limit"))
+        unit = c.get("unit") or ""
+        color = _GREEN if c.get("ok") else _RED
+        vals = [x for x in (v, lim) if x is not None and x > 0]
+        log = len(vals) == 2 and max(vals) / min(vals) > 20
+        if log:
+            lo, hi = math.log10(min(vals) / 3), math.log10(max(vals) * 1.5)
+
+            def sx(x, lo=lo, hi=hi):
+                return x0 + (x1 - x0) * (math.log10(max(x, 10 ** lo)) - lo) / (hi - lo)
+        else:
+            top = max(vals) * 1.15 if vals else 1.0
+
+            def sx(x, top=top):
+                return x0 + (x1 - x0) * max(0.0, x) / top
+        title = _CHECK_TITLES.get(c.get("name"), str(c.get("name")))
+        parts.append(f'<text x="0" y="{y + 17}" font-size="13">{_e(title)}</text>')
+        parts.append(f'<text x="0" y="{y + 32}" font-size="11" fill="#57606a">{_e(c.get("basis") or "")}'
+                     f'{" · log scale" if log else ""}</text>')
+        parts.append(f'<rect x="{x0}" y="{y + 6}" width="{x1 - x0}" height="22" fill="#f6f8fa"/>')
+        if v is not None:
+            bw = max(1.0, sx(v) - x0)
+            parts.append(f'<rect x="{x0}" y="{y + 6}" width="{bw:.1f}" height="22" fill="{color}">'
+                         f'<title>{_e(c.get("message") or "")}</title></rect>')
+        if lim is not None:
+            lx = sx(lim)
+            parts.append(f'<line x1="{lx:.1f}" y1="{y + 1}" x2="{lx:.1f}" y2="{y + 33}" stroke="#1f2328" '
+                         f'stroke-width="2" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{x1 + 8}" y="{y + 17}" font-size="12" fill="{color}">{_e(_f(v, unit))}</text>')
+        parts.append(f'<text x="{x1 + 8}" y="{y + 32}" font-size="11" fill="#57606a">'
+                     f'limit {_e(_OP_SIGNS.get(c.get("op"), c.get("op") or ""))} {_e(_f(lim, unit))}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _svg_memory(artifacts: list[dict], budget_mb: float | None) -> str:
+    """Stacked bars: weights + KV cache + runtime overhead per artifact, with the memory budget as a line."""
+    rows = [(a["file"], a["footprint"]) for a in artifacts
+            if any(_num(a["footprint"].get(k)) is not None for k, _, _ in _SEGMENTS)]
+    if not rows:
+        return ""
+    row_h, x0, x1, w = 34, 200, 640, 780
+    h = 40 + row_h * len(rows) + 10
+    totals = [sum(_num(fp.get(k)) or 0 for k, _, _ in _SEGMENTS) for _, fp in rows]
+    top = max(totals + ([budget_mb] if budget_mb else [])) * 1.1 or 1.0
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" font-family="system-ui, sans-serif" '
+             f'role="img" aria-label="memory breakdown">']
+    lx = x0
+    for _, label, color in _SEGMENTS:
+        parts.append(f'<rect x="{lx}" y="6" width="12" height="12" fill="{color}"/>'
+                     f'<text x="{lx + 16}" y="16" font-size="12">{_e(label)}</text>')
+        lx += 24 + 8 * len(label)
+    if budget_mb:
+        parts.append(f'<line x1="{lx}" y1="12" x2="{lx + 18}" y2="12" stroke="#1f2328" stroke-width="2" '
+                     f'stroke-dasharray="4 3"/><text x="{lx + 22}" y="16" font-size="12">budget</text>')
+    for i, ((name, fp), total) in enumerate(zip(rows, totals)):
+        y = 32 + i * row_h
+        parts.append(f'<text x="0" y="{y + 16}" font-size="12">{_e(name)}</text>')
+        x = float(x0)
+        for key, label, color in _SEGMENTS:
+            v = _num(fp.get(key)) or 0.0
+            width = (x1 - x0) * v / top
+            if width > 0:
+                parts.append(f'<rect x="{x:.1f}" y="{y + 2}" width="{width:.1f}" height="20" fill="{color}">'
+                             f'<title>{_e(label)}: {_e(_f(v, "MB"))}</title></rect>')
+            x += width
+        over = budget_mb is not None and total > budget_mb
+        parts.append(f'<text x="{x + 6:.1f}" y="{y + 16}" font-size="12" fill="{_RED if over else "#1f2328"}">'
+                     f'{_e(_f(total, "MB"))}</text>')
+    if budget_mb:
+        bx = x0 + (x1 - x0) * budget_mb / top
+        parts.append(f'<line x1="{bx:.1f}" y1="28" x2="{bx:.1f}" y2="{h - 4}" stroke="#1f2328" stroke-width="2" '
+                     f'stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{bx - 4:.1f}" y="{h - 6}" font-size="11" text-anchor="end" fill="#57606a">'
+                     f'budget {_e(_f(budget_mb, "MB"))}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _svg_quality(q: dict) -> str:
+    """One panel per metric: teacher, untrained student and distilled student side by side."""
+    metrics = [k for k in _QUALITY_ORDER if any(_num(q[c].get(k)) is not None for c, _ in _QUALITY_COLS)]
+    for col, _ in _QUALITY_COLS:
+        metrics += [k for k, v in q[col].items() if k not in metrics and _num(v) is not None]
+    if not metrics:
+        return ""
+    pw, ph, bar = 200, 190, 40
+    w, h = pw * len(metrics), ph + 40
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" font-family="system-ui, sans-serif" '
+             f'role="img" aria-label="quality: teacher, untrained and distilled student">']
+    for m_i, metric in enumerate(metrics):
+        px = m_i * pw
+        vals = [_num(q[c].get(metric)) for c, _ in _QUALITY_COLS]
+        top = max([abs(v) for v in vals if v is not None] or [1.0]) * 1.15 or 1.0
+        parts.append(f'<text x="{px + pw / 2}" y="16" font-size="13" text-anchor="middle">{_e(metric)}</text>')
+        base = ph - 10
+        for j, (v, (_, label), color) in enumerate(zip(vals, _QUALITY_COLS, _QCOLORS)):
+            bx = px + 25 + j * (bar + 12)
+            if v is None:
+                parts.append(f'<text x="{bx + bar / 2}" y="{base - 4}" font-size="11" text-anchor="middle" '
+                             f'fill="#57606a">n/a</text>')
+            else:
+                bh = (base - 40) * abs(v) / top
+                shown = _pct(v) if metric == "top1_agreement" else _f(v)
+                parts.append(f'<rect x="{bx}" y="{base - bh:.1f}" width="{bar}" height="{bh:.1f}" fill="{color}">'
+                             f'<title>{_e(label)}: {_e(shown)}</title></rect>')
+                parts.append(f'<text x="{bx + bar / 2}" y="{base - bh - 4:.1f}" font-size="11" '
+                             f'text-anchor="middle">{_e(shown)}</text>')
+        parts.append(f'<line x1="{px + 20}" y1="{base}" x2="{px + pw - 20}" y2="{base}" stroke="#8c959f"/>')
+    lx = 10
+    for (_, label), color in zip(_QUALITY_COLS, _QCOLORS):
+        parts.append(f'<rect x="{lx}" y="{h - 22}" width="12" height="12" fill="{color}" stroke="#8c959f"/>'
+                     f'<text x="{lx + 16}" y="{h - 12}" font-size="12">{_e(label)}</text>')
+        lx += 30 + 7 * len(label)
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def to_html(report: dict) -> str:
+    r = _normalize(report)
+    head, failed = _summary_line(r)
+    cls = {True: "pass", False: "fail"}.get(r["ok"], "none")
+    t, s = r["teacher"], r["student"]
+    body = [f"<h1>edgedistill report: {_e(r['target'])}</h1>", f'<div class="banner {cls}">{_e(head)}</div>']
+    if failed:
+        body.append("<ul>" + "".join(f'<li class="fail">{_e(m)}</li>' for m in failed) + "</ul>")
+    overview = [["Teacher", f"{t['id'] or 'n/a'} ({_params(t['params'])} params)"], ["Student", _shape_text(s)]]
+    if _num(t["params"]) and _num(s["params"]):
+        overview.append(["Compression", f"{fmt_num(t['params'] / s['params'])}x fewer parameters"])
+    if r["target_profile"].get("description"):
+        overview.append(["Target", r["target_profile"]["description"]])
+    for key, label in (("created", "Built"), ("edgedistill_version", "edgedistill"), ("config_hash", "Config hash")):
+        if r.get(key):
+            overview.append([label, str(r[key])])
+    body.append(_html_table(None, overview))
+    if r["notes"]:
+        body.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in r["notes"]) + "</ul>")
+
+    if r["target_profile"]:
+        body += [f"<h2>Budgets of {_e(r['target'])}</h2>", _html_table(["Budget", "Limit"],
+                                                                      _budget_rows(r["target_profile"]))]
+
+    body.append("<h2>Artifacts</h2>")
+    if not r["artifacts"]:
+        body.append("<p>No artifacts were recorded.</p>")
+    else:
+        rows = [[_e(a["file"]), _e(a["format"]), _e(_mb(a["bytes"])), _e(a["memory_tier"] or "n/a"),
+                 f'<span class="{"pass" if a["ok"] else "fail"}">{_verdict(a["ok"])}</span>'] for a in r["artifacts"]]
+        body.append(_html_table(["Artifact", "Format", "Size", "Memory tier", "Verdict"], rows,
+                                raw_cols=(0, 1, 2, 3, 4)))
+        budget_gb = (r["target_profile"].get("budget") or {}).get("memory_gb")
+        mem = _svg_memory(r["artifacts"], budget_gb * 1000 if _num(budget_gb) else None)
+        if mem:
+            body += [f"<h3>Memory on {_e(r['target'])} (projected)</h3>", mem]
+
+    for a in r["artifacts"]:
+        vcls = "pass" if a["ok"] else "fail"
+        body.append(f'<h3>{_e(a["file"])} ({_e(a["format"])}): <span class="{vcls}">{_verdict(a["ok"])}</span></h3>')
+        if a["sha256"]:
+            body.append(f"<p>sha256 <code>{_e(a['sha256'])}</code></p>")
+        if a["checks"]:
+            body.append(_svg_checks(a["checks"]))
+            rows = []
+            for c in a["checks"]:
+                cells = [_e(x) for x in _check_row(c)]
+                cells[-1] = f'<span class="{"pass" if c.get("ok") else "fail"}">{cells[-1]}</span>'
+                rows.append(cells)
+            body.append(_html_table(["Check", "Value", "Limit", "Margin", "Basis", "Result"], rows,
+                                    raw_cols=tuple(range(6))))
+            body.append("<ul>" + "".join(
+                f'<li class="{"pass" if c.get("ok") else "fail"}">{_e(c.get("message") or c.get("name"))}</li>'
+                for c in a["checks"]) + "</ul>")
+        p = a["parity"]
+        if p:
+            body.append(f"<p>Parity with the unquantized student: top-1 agreement {_e(_pct(p.get('top1_agreement')))}, "
+                        f"KL {_e(_f(p.get('kl')))}.</p>")
+        body += ["<p>Measured on the build host:</p>", _html_table(["Figure", "Value"], _host_rows(a["host"]))]
+        if a["host"].get("basis"):
+            body.append(f'<p class="basis">How: {_e(a["host"]["basis"])}</p>')
+        body += [f"<p>Projected on {_e(r['target'])}:</p>",
+                 _html_table(["Figure", "Value"], _projected_rows(a["projected"], a["footprint"]))]
+        if a["projected"].get("basis"):
+            body.append(f'<p class="basis">Model: {_e(a["projected"]["basis"])}</p>')
+        if a["footprint"].get("basis"):
+            body.append(f'<p class="basis">Memory: {_e(a["footprint"]["basis"])}</p>')
+
+    body.append("<h2>Quality on held-out prompts</h2>")
+    qrows = _quality_rows(r["quality"])
+    if qrows:
+        body += [_svg_quality(r["quality"]), _html_table(["Metric"] + [label for _, label in _QUALITY_COLS], qrows)]
+    else:
+        body.append("<p>No quality figures were recorded.</p>")
+
+    if r["host"]:
+        rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else
+                 (", ".join(f"{kk} {vv}" for kk, vv in v.items() if vv) if isinstance(v, dict) else str(v))]
+                for k, v in r["host"].items() if v not in (None, [], {})]
+        body += ["<h2>Build host</h2>", _html_table(None, rows)]
+    if r["timings_s"]:
+        rows = [[str(k), _f(v, "s")] for k, v in r["timings_s"].items()]
+        rows.append(["total", _f(sum(_num(v) or 0 for v in r["timings_s"].values()), "s")])
+        body += ["<h2>Stage timings</h2>", _html_table(["Stage", "Time"], rows)]
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>edgedistill report: {_e(r['target'])}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def run(ctx) -> dict:
+    """Stage `report`: assemble report.json (DESIGN.md schema) and manifest.json, render md/html."""
+    import time
+
+    from edgedistill import __version__
+    from edgedistill.measure.profile import host_info
+    from edgedistill.pipeline import file_sha256, write_json_atomic
+
+    plan = ctx["plan"].summary["plan"]
+    teacher = ctx["teacher"].summary
+    distilled = ctx["distill"].summary
+    exported = ctx["export"].summary["artifacts"]
+    artifacts = []
+    for fmt, art in exported.items():
+        path = ctx["export"].path(art["file"])
+        host = ctx["profile"].summary["artifacts"][fmt]
+        verdict = ctx["budget"].summary["artifacts"][fmt]
+        proj = verdict["projected"]
+        artifacts.append({
+            "file": art["file"], "format": fmt, "bytes": art["bytes"], "sha256": _artifact_sha256(path),
+            "parity": ctx["verify"].summary["artifacts"][fmt],
+            "host": host, "projected": {k: v for k, v in proj.items() if k != "footprint"},
+            "footprint": proj["footprint"], "memory_tier": proj["memory_tier"],
+            "checks": verdict["checks"], "ok": verdict["ok"],
+        })
+    ok = all(a["ok"] for a in artifacts)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "target": ctx.target.name,
+        "ok": ok,
+        "teacher": {"id": teacher["id"], "params": teacher["params"], "fingerprint": teacher["fingerprint"]},
+        "student": {"params": distilled["params"], "shape": plan["shape"], "format": plan["format"],
+                    "context": plan["context"], "compression": plan["compression"],
+                    "layer_map": ctx["init"].summary["layer_map"], "init_rule": ctx["init"].summary["rule"],
+                    "plan_checks": plan["checks"], "plan_why": plan["why"]},
+        "quality": distilled["quality"] | {"basis": "held-out prompts answered by the teacher: next-token top-1 "
+                                           "agreement with the teacher, KL(teacher || model), perplexity of the "
+                                           "teacher's answers; answer tokens only"},
+        "training": distilled["train"],
+        "artifacts": artifacts,
+        "target_profile": ctx.target.model_dump(mode="json"),
+        "host": ctx["profile"].summary.get("host") or host_info(),
+        "timings_s": {name: round(rec.seconds, 2) for name, rec in ctx.upstream.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "edgedistill_version": __version__,
+        "config_hash": ctx.cfg.section_hash("teacher", "plan", "data", "distill", "export", "eval", "seed"),
+    }
+    write_reports(report, ctx.dir)
+    manifest = {
+        "target": ctx.target.name, "teacher": teacher["id"], "config_hash": report["config_hash"],
+        "files": [{"file": a["file"], "format": a["format"], "bytes": a["bytes"], "sha256": a["sha256"]}
+                  for a in artifacts],
+    }
+    write_json_atomic(ctx.dir / "manifest.json", manifest)
+    failed = [f"{a['file']}: {c.get('message') or c['name']}" for a in artifacts for c in a["checks"] if not c["ok"]]
+    return {"ok": ok, "failed": failed}
+
+
+def _artifact_sha256(path: Path) -> str:
+    """A file's sha256; for an ONNX folder, the sha256 of its files' names and hashes in order."""
+    import hashlib
+
+    from edgedistill.pipeline import file_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path)}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def files_to_publish(records: dict) -> dict[str, Path]:
+    """What lands in OUT/<target>/: the student, each artifact, the manifest and the reports."""
+    files = {"student": records["distill"].path("student")}
+    for art in records["export"].summary["artifacts"].values():
+        files[art["file"]] = records["export"].path(art["file"])
+    for name in ("manifest.json", JSON_NAME, MD_NAME, HTML_NAME):
+        files[name] = records["report"].path(name)
+    return files

@@ -1,0 +1,35 @@
+"""The build, as data: each stage, the module that runs it, what it reads and what it comes after."""
+
+from __future__ import annotations
+
+from edgedistill import budget, plan, prune, report, teacher, verify
+from edgedistill.data import stage as data_stage
+from edgedistill.distill import stage as distill_stage
+from edgedistill.export import stage as export_stage
+from edgedistill.measure import stage as profile_stage
+from edgedistill.pipeline import Stage
+
+
+def _teacher_identity(cfg) -> str:
+    return teacher.fingerprint(teacher.resolve(cfg.teacher))
+
+
+STAGES: list[Stage] = [
+    Stage("teacher", teacher.run, after={}, reads=("teacher", "teacher_bits", "trust_remote_code"),
+          extra=_teacher_identity),
+    Stage("plan", plan.run, after={"teacher": "config"}, reads=("plan", "target")),
+    Stage("data", data_stage.run, after={"teacher": None}, reads=("data", "seed")),
+    Stage("init", prune.run, after={"teacher": None, "plan": "student"}),
+    Stage("distill", distill_stage.run, after={"teacher": None, "init": None, "data": None, "plan": "student"},
+          reads=("distill", "seed", "eval.max_examples")),
+    Stage("export", export_stage.run, after={"teacher": None, "distill": None, "plan": "formats"},
+          reads=("export",)),
+    Stage("verify", verify.run, after={"teacher": None, "distill": None, "data": None, "export": None,
+                                       "plan": "student"}, reads=("eval.verify_tokens",)),
+    Stage("profile", profile_stage.run, after={"data": None, "export": None},
+          reads=("eval.profile_new_tokens", "eval.profile_repeats", "target.budget.prompt_tokens")),
+    Stage("budget", budget.run, after={"plan": None, "export": None, "profile": None}, reads=("target",)),
+    Stage("report", report.run, after={"teacher": None, "plan": None, "init": None, "distill": None,
+                                       "export": None, "verify": None, "profile": None, "budget": None},
+          reads=("target",)),
+]

@@ -1,0 +1,122 @@
+"""Hardware target profiles: the schema, and loading from targets/*.toml or a user's own file."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgedistill.errors import UserError
+from edgedistill.formats import FORMATS
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+GB = 1e9  # profiles state decimal gigabytes, as device makers and app stores do
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Device(_Strict):
+    ram_gb: float = Field(gt=0)
+    bandwidth_gb_s: float = Field(gt=0, description="peak DRAM bandwidth")
+    compute_gflops: float = Field(gt=0, description="peak matrix throughput the runtime can use (int8/fp16 dot products)")
+    decode_efficiency: float = Field(0.5, gt=0, le=1, description="share of bandwidth a decode step achieves")
+    prefill_efficiency: float = Field(0.3, gt=0, le=1, description="share of compute a prefill achieves")
+    sustained: float = Field(1.0, gt=0, le=1, description="throughput kept under sustained (thermal) load")
+    active_power_w: float = Field(gt=0, description="whole-device power while generating")
+    battery_wh: Optional[float] = Field(None, gt=0, description="None: mains powered")
+    threads: int = Field(4, ge=1)
+
+
+class Budget(_Strict):
+    memory_gb: float = Field(gt=0, description="weights + KV cache at the context + runtime overhead")
+    artifact_gb: float = Field(gt=0, description="artifact storage / download size")
+    min_decode_tok_s: float = Field(gt=0)
+    max_ttft_s: float = Field(gt=0, description="time to first token for prompt_tokens of prompt")
+    prompt_tokens: int = Field(gt=0)
+    max_energy_j_per_100_tok: Optional[float] = Field(None, gt=0)
+    max_battery_pct_per_hour: Optional[float] = Field(
+        None, gt=0, description="battery % per hour of chat (measure.project's stated usage); needs battery_wh")
+    runtime_overhead_mb: float = Field(ge=0, description="runtime code, buffers and activations besides weights and KV")
+
+
+class TargetProfile(_Strict):
+    name: str
+    description: str = ""
+    context: int = Field(gt=0, description="context length the student is planned and budgeted for")
+    formats: list[str] = Field(min_length=1, description="artifact formats to build; the first is trained for (QAT)")
+    device: Device
+    budget: Budget
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f not in FORMATS]
+        if bad:
+            raise ValueError(f"unknown format(s) {bad}; known: {sorted(FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _battery_budget_needs_battery(self) -> "TargetProfile":
+        if self.budget.max_battery_pct_per_hour is not None and self.device.battery_wh is None:
+            raise ValueError("budget.max_battery_pct_per_hour is set but device.battery_wh is not (mains powered)")
+        return self
+
+    @property
+    def primary_format(self) -> str:
+        return self.formats[0]
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def load_target(name_or_path: str) -> TargetProfile:
+    """A built-in profile by name, or a user's profile file (path ending in .toml)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"target profile file not found: {name_or_path}")
+    else:
+        path = TARGETS_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            close = difflib.get_close_matches(name_or_path, builtin_names(), n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(builtin_names())}"
+            raise UserError(f"unknown target {name_or_path!r}{hint}")
+    return parse_target(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def parse_target(text: str, source: str = "<profile>") -> TargetProfile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source}: not valid TOML: {e}") from None
+    try:
+        return TargetProfile.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        # A misspelt field also shows up as the real one "missing": report the unknown name first.
+        unknown = [x for x in errors if x["type"] == "extra_forbidden"]
+        err = (unknown or errors)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        if unknown:
+            known = _known_fields(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known here: {', '.join(known)}"
+            raise UserError(f"{source}: unknown field {field!r}; {hint}") from None
+        where = f"field {field!r}: " if field else ""
+        raise UserError(f"{source}: {where}{err['msg']}") from None
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model = TargetProfile
+    for part in loc:
+        sub = model.model_fields.get(str(part))
+        if sub is None or not isinstance(sub.annotation, type) or not issubclass(sub.annotation, BaseModel):
+            return []
+        model = sub.annotation
+    return list(model.model_fields)

@@ -1,0 +1,186 @@
+"""The real `edgedistill` CLI end to end on a tiny random teacher: every artifact built and loaded in its runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgedistill.targets import TARGETS_DIR
+
+TINY_STUDENT = "layers=2,hidden=32,intermediate=64,heads=2,kv_heads=1"
+FAST = ["--steps", "4", "--no-progress", "--preset", "quick"]
+
+
+def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgedistill.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=full_env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def small_prompts(tmp_path_factory) -> Path:
+    """Few prompts keep the tiny build fast; the bundled set is capped too (`max_prompts`)."""
+    p = tmp_path_factory.mktemp("prompts") / "mine.jsonl"
+    lines = [{"prompt": f"Say something about the number {i}."} for i in range(6)]
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+def fast_config(tmp: Path, out: Path, teacher: Path, prompts: Path, targets=("phone-4gb",)) -> Path:
+    """A config file: the CLI's replay path, with small data and eval sizes for a tiny teacher."""
+    cfg = tmp / "tiny.toml"
+    tlist = ", ".join(f'"{t}"' for t in targets)
+    cfg.write_text(f'''teacher = "{teacher}"
+targets = [{tlist}]
+out = "{out}"
+[plan.student]
+layers = 2
+hidden = 32
+intermediate = 64
+heads = 2
+kv_heads = 1
+[data]
+prompts = ["{prompts}"]
+max_prompts = 24
+max_new_tokens = 8
+gen_batch_size = 8
+max_len = 64
+[distill]
+steps = 4
+batch_size = 2
+seq_len = 64
+checkpoint_every = 2
+[eval]
+max_examples = 4
+verify_tokens = 48
+profile_new_tokens = 4
+profile_repeats = 1
+''')
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory, tiny_teacher_dir, small_prompts):
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "out"
+    cfg = fast_config(tmp, out, tiny_teacher_dir, small_prompts, targets=("phone-4gb", "rpi5-8gb"))
+    res = cli("build", "--config", cfg, "--no-progress")
+    return res, out, cfg
+
+
+def test_build_succeeds_and_writes_every_artifact(tiny_build):
+    res, out, _ = tiny_build
+    assert res.returncode == 0, res.stderr[-3000:]
+    for target in ("phone-4gb", "rpi5-8gb"):
+        folder = out / target
+        report = json.loads((folder / "report.json").read_text())
+        assert report["schema_version"] == 1 and report["target"] == target and report["ok"] is True
+        formats = {a["format"] for a in report["artifacts"]}
+        assert formats == {"gguf-q4_0", "gguf-q8_0", "onnx-int4", "onnx-int8"}
+        for art in report["artifacts"]:
+            path = folder / art["file"]
+            assert path.exists(), art["file"]
+            # each artifact was loaded in its real runtime: parity and host timings exist
+            assert 0.0 <= art["parity"]["top1_agreement"] <= 1.0 and art["parity"]["kl"] >= 0.0
+            assert art["host"]["decode_tok_s"] > 0 and art["host"]["peak_rss_mb"] > 0
+            assert art["projected"]["decode_tok_s"] > 0 and art["checks"]
+        assert (folder / "report.md").is_file() and (folder / "report.html").is_file()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert {f["file"] for f in manifest["files"]} >= {a["file"] for a in report["artifacts"]}
+        assert (folder / "student" / "config.json").is_file()
+    assert not list(out.rglob("*.partial")), "a finished build leaves no partial files"
+
+
+def test_second_target_reuses_the_shared_stages(tiny_build):
+    res, out, _ = tiny_build
+    # both targets share teacher, data, and (same explicit shape) the student: one stage folder each
+    for stage in ("teacher", "data", "init", "distill"):
+        assert len(list((out / ".stages").glob(f"{stage}-*"))) == 1, stage
+
+
+def test_rerun_is_fully_cached_and_identical(tiny_build):
+    res, out, cfg = tiny_build
+    before = json.loads((out / "phone-4gb" / "manifest.json").read_text())
+    again = cli("build", "--config", cfg, "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("cached") >= 10
+    after = json.loads((out / "phone-4gb" / "manifest.json").read_text())
+    assert before["files"] == after["files"]
+
+
+def test_written_config_replays(tiny_build):
+    _, out, _ = tiny_build
+    written = out / "build-config.toml"
+    assert written.is_file()
+    res = cli("build", "--config", written, "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "plan for phone-4gb" in res.stderr and "cached" in res.stderr
+
+
+def test_inspect_describes_artifacts(tiny_build):
+    _, out, _ = tiny_build
+    res = cli("inspect", out / "phone-4gb" / "model-q4_0.gguf")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["architecture"] == "llama" and info["tensor_types"].get("Q4_0", 0) > 0 and info["layers"] == 2
+    res = cli("inspect", out / "phone-4gb" / "onnx-int4")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["kv_cache"] is True and 4 in info["weight_bits"]
+
+
+def test_a_failed_budget_exits_1_and_the_report_says_why(tmp_path, tiny_teacher_dir, small_prompts, tiny_build):
+    _, shared_out, _ = tiny_build
+    profile = (TARGETS_DIR / "phone-4gb.toml").read_text()
+    profile = profile.replace('name = "phone-4gb"', 'name = "impossible-phone"')
+    lines = [ln if not ln.startswith("min_decode_tok_s") else "min_decode_tok_s = 1e9  # test: unreachable"
+             for ln in profile.splitlines()]
+    custom = tmp_path / "impossible-phone.toml"
+    custom.write_text("\n".join(lines) + "\n")
+    cfg = fast_config(tmp_path, shared_out, tiny_teacher_dir, small_prompts, targets=(str(custom),))
+    res = cli("build", "--config", cfg, "--no-progress")
+    assert res.returncode == 1, res.stderr[-3000:]
+    report = json.loads((shared_out / "impossible-phone" / "report.json").read_text())
+    assert report["ok"] is False
+    failed = [c for a in report["artifacts"] for c in a["checks"] if not c["ok"]]
+    assert failed and all(c["name"] == "decode_tok_s" for c in failed)
+    assert "decode" in res.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["build", "--teacher", "/no/such/folder", "--dry-run"], "teacher not found"),
+    (["build", "--target", "phone-4g", "--dry-run"], "did you mean phone-4gb"),
+    (["build", "--temperature", "0", "--dry-run"], "temperature"),
+    (["build", "--alpha", "1.5", "--dry-run"], "alpha"),
+    (["build", "--compression", "0.5", "--dry-run"], "compression"),
+    (["inspect", "README.md"], "neither a GGUF"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
+    res = cli(*args, "--out", tmp_path / "o") if args[0] == "build" else cli(*args)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    res = cli("build", "--teacher", tmp_path, "--dry-run", "--out", tmp_path / "o")
+    assert res.returncode == 2, res.stderr
+    assert "unsupported teacher architecture 'gpt2'" in res.stderr and "Llama" in res.stderr
+
+
+def test_targets_lists_every_profile():
+    res = cli("targets")
+    assert res.returncode == 0
+    for name in ("phone-4gb", "phone-8gb", "phone-12gb", "iphone-8gb", "rpi5-8gb", "jetson-orin-nano-8gb",
+                 "laptop-16gb", "browser-wasm", "wearable-1gb"):
+        assert name in res.stdout
+    one = cli("targets", "wearable-1gb")
+    assert one.returncode == 0 and json.loads(one.stdout)["name"] == "wearable-1gb"
