@@ -97,10 +97,19 @@ def _probe(stages, session: Session, target: TargetProfile, plan: dict) -> list[
     return states
 
 
+def _quiet_libraries() -> None:
+    """Our stages draw their own progress; the libraries' per-file bars and notices would drown it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress: bool = True,
           console: Console | None = None) -> int:
     """Exit code: 0 every budget met, 1 a budget failed (artifacts and report kept)."""
     console = console or Console(stderr=True)
+    _quiet_libraries()
     targets = [load_target(t) for t in cfg.targets]
     teacher_mod.resolve(cfg.teacher)  # bad teacher input fails here, before anything is written
     out = Path(cfg.out)

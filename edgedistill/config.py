@@ -33,6 +33,7 @@ class PlanConfig(_Section):
     compression: float = Field(4.0, ge=1.0, description="teacher params / student params")
     student: Optional[StudentShape] = None
     context: Optional[int] = Field(None, gt=0, description="overrides the target's context")
+    calibration_examples: int = Field(32, ge=0, description="training examples the init stage measures importance on; 0: weight norms")
 
 
 class DataConfig(_Section):
@@ -55,6 +56,7 @@ class DistillConfig(_Section):
     qat: bool = True
     qat_start_fraction: float = Field(0.5, ge=0, le=1, description="fake-quant switches on after this share of steps")
     checkpoint_every: int = Field(20, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 class ExportConfig(_Section):
@@ -97,7 +99,7 @@ class BuildConfig(_Section):
 # Presets set the amount of work; everything else keeps its default. "quick" is sized to finish a
 # build of the default teacher in about 20 minutes on a 2-core CPU (see benchmarks/).
 PRESETS: dict[str, dict] = {
-    "quick": {"data": {"max_prompts": 240, "max_new_tokens": 96}, "distill": {"steps": 60}},
+    "quick": {"data": {"max_prompts": 240, "max_new_tokens": 96}, "distill": {"steps": 40}},
     "standard": {"data": {"max_new_tokens": 160}, "distill": {"steps": 400, "batch_size": 16}},
     "full": {"data": {"max_new_tokens": 256}, "distill": {"steps": 2000, "batch_size": 16, "seq_len": 512},
              "eval": {"max_examples": 200}},

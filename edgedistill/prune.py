@@ -1,31 +1,112 @@
-"""Build the student from the teacher's weights: keep some layers, slice widths by importance.
+"""Build the student from the teacher's weights: keep the most important layers, heads, neurons, channels.
 
-This is a simple magnitude rule (evenly spaced layers, channels/neurons/GQA groups ranked by weight
-norms). It keeps shapes consistent for GQA and records which teacher layer each student layer came from.
+Importance comes from the teacher's activations on calibration text drawn from the build's data (in
+the spirit of Minitron): mean |activation| of each residual channel, MLP neuron and attention head,
+and for depth, how much each layer changes its input (1 - cosine similarity of input and output).
+Without calibration data a weight-norm rule stands in. Shapes stay consistent for GQA, and the
+student-to-teacher layer mapping is recorded for hidden-state losses.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-def layer_map(n_teacher: int, n_student: int) -> list[int]:
-    """Evenly spaced teacher layers, always keeping the first and the last."""
-    if n_student == 1:
-        return [n_teacher - 1]
-    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+def layer_map(n_teacher: int, n_student: int, scores: Tensor | None = None) -> list[int]:
+    """Teacher layers to keep, in order: the first and last always, then the most important.
+
+    Without scores, evenly spaced layers.
+    """
+    if n_student >= n_teacher:
+        return list(range(n_teacher))
+    if scores is None:
+        if n_student == 1:
+            return [n_teacher - 1]
+        return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+    keep = {0, n_teacher - 1} if n_student >= 2 else {n_teacher - 1}
+    for i in torch.argsort(scores, descending=True).tolist():
+        if len(keep) >= n_student:
+            break
+        keep.add(i)
+    return sorted(keep)
 
 
-def _float(w) -> Tensor:
-    # bitsandbytes parameters dequantize through their own API; plain tensors pass through.
-    if hasattr(w, "quant_state") and w.quant_state is not None:
+@dataclass
+class Importance:
+    """Per-unit importance measured on calibration text."""
+
+    hidden: Tensor  # [hidden]
+    layers: Tensor  # [n_layers]: 1 - cos(input, output) of each decoder layer
+    neurons: list[Tensor]  # per layer [intermediate]
+    heads: list[Tensor]  # per layer [n_heads]
+
+
+@torch.no_grad()
+def calibrate(teacher, sequences: list[list[int]]) -> Importance:
+    """One pass of the teacher over `sequences`, recording activations with forward hooks."""
+    cfg = teacher.config
+    n_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    hid = torch.zeros(n_layers, hidden)
+    change = torch.zeros(n_layers)
+    neurons = [torch.zeros(cfg.intermediate_size) for _ in range(n_layers)]
+    heads = [torch.zeros(cfg.num_attention_heads) for _ in range(n_layers)]
+    hooks = []
+
+    def on_layer(i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            hid[i] += x.float().abs().mean(dim=(0, 1))
+            change[i] += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).mean()
+        return hook
+
+    def on_down(i):
+        def hook(module, args):  # a pre-hook that returns None leaves the input as it is
+            neurons[i] += args[0].float().abs().mean(dim=(0, 1))
+        return hook
+
+    def on_o(i):
+        def hook(module, args):
+            heads[i] += args[0].float().unflatten(-1, (-1, head_dim)).norm(dim=-1).mean(dim=(0, 1))
+        return hook
+
+    for i, layer in enumerate(teacher.model.layers):
+        hooks.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(on_down(i)))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o(i)))
+    try:
+        for ids in sequences:
+            teacher(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    # each layer's residual stream has its own scale; normalise before summing so no layer dominates
+    hidden_score = (hid / hid.mean(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
+    return Importance(hidden_score, change, neurons, heads)
+
+
+def _float(w, module=None) -> Tensor:
+    """A weight as float32; bitsandbytes weights are dequantized through their own scales."""
+    if getattr(w, "quant_state", None) is not None:  # 4-bit
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
-    if hasattr(w, "SCB") and getattr(w, "SCB", None) is not None:
-        return (w.data.float() * w.SCB.float().unsqueeze(1) / 127.0)
+    if w.dtype == torch.int8:  # LLM.int8(): row scales live on the weight, or on the module after a forward
+        scb = getattr(w, "SCB", None)
+        if scb is None and module is not None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if scb is None:
+            raise RuntimeError("an 8-bit teacher weight has no scales to dequantize with")
+        return w.data.float() * scb.float().unsqueeze(1) / 127.0
     return w.detach().float()
+
+
+def _w(module) -> Tensor:
+    return _float(module.weight, module)
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -43,16 +124,18 @@ def hidden_channels(teacher, k: int) -> Tensor:
     return _top(score, k)
 
 
-def _head_groups(attn, kv_keep: int, group_keep: int, head_dim: int) -> tuple[Tensor, Tensor]:
+def _head_groups(attn, kv_keep: int, group_keep: int, head_dim: int,
+                 measured: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Indices of kept query rows and kv rows; whole kv groups, then the strongest heads inside each."""
-    q = _float(attn.q_proj.weight).view(-1, head_dim, attn.q_proj.weight.shape[1])
-    k = _float(attn.k_proj.weight).view(-1, head_dim, attn.k_proj.weight.shape[1])
-    v = _float(attn.v_proj.weight).view(-1, head_dim, attn.v_proj.weight.shape[1])
-    o = _float(attn.o_proj.weight).view(attn.o_proj.weight.shape[0], -1, head_dim)
+    q, k, v, o = (_w(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    q, k, v = (w.view(-1, head_dim, w.shape[1]) for w in (q, k, v))
+    o = o.view(o.shape[0], -1, head_dim)
     n_kv, n_q = k.shape[0], q.shape[0]
     group = n_q // n_kv
     head_score = q.flatten(1).norm(dim=1) * o.transpose(0, 1).flatten(1).norm(dim=1)
     kv_score = k.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1) * head_score.view(n_kv, group).sum(1)
+    if measured is not None:
+        head_score, kv_score = measured, measured.view(n_kv, group).sum(1)
     q_heads, kv_heads = [], []
     for g in _top(kv_score, kv_keep).tolist():
         kv_heads.append(g)
@@ -63,13 +146,12 @@ def _head_groups(attn, kv_keep: int, group_keep: int, head_dim: int) -> tuple[Te
 
 
 def _mlp_neurons(mlp, k: int) -> Tensor:
-    score = _float(mlp.gate_proj.weight).norm(dim=1) * _float(mlp.up_proj.weight).norm(dim=1) \
-        * _float(mlp.down_proj.weight).norm(dim=0)
+    score = _w(mlp.gate_proj).norm(dim=1) * _w(mlp.up_proj).norm(dim=1) * _w(mlp.down_proj).norm(dim=0)
     return _top(score, k)
 
 
 @torch.no_grad()
-def build_student(teacher, student_cfg) -> tuple[torch.nn.Module, dict]:
+def build_student(teacher, student_cfg, importance: Importance | None = None) -> tuple[torch.nn.Module, dict]:
     """A student model initialised from `teacher` in the shape of `student_cfg`, and how it was cut."""
     from transformers import AutoModelForCausalLM
 
@@ -77,8 +159,9 @@ def build_student(teacher, student_cfg) -> tuple[torch.nn.Module, dict]:
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     kv_keep = student_cfg.num_key_value_heads
     group_keep = student_cfg.num_attention_heads // kv_keep
-    layers = layer_map(tc.num_hidden_layers, student_cfg.num_hidden_layers)
-    hid = hidden_channels(teacher, student_cfg.hidden_size)
+    imp = importance
+    layers = layer_map(tc.num_hidden_layers, student_cfg.num_hidden_layers, imp.layers if imp else None)
+    hid = _top(imp.hidden, student_cfg.hidden_size) if imp else hidden_channels(teacher, student_cfg.hidden_size)
 
     student = AutoModelForCausalLM.from_config(student_cfg, dtype=torch.float32)
     s_sd = student.state_dict()
@@ -94,21 +177,24 @@ def build_student(teacher, student_cfg) -> tuple[torch.nn.Module, dict]:
         put("lm_head.weight", _float(teacher.lm_head.weight)[:, hid])
     for i, ti in enumerate(layers):
         tl, p = t_layers[ti], f"model.layers.{i}."
-        q_rows, kv_rows = _head_groups(tl.self_attn, kv_keep, group_keep, head_dim)
-        neurons = _mlp_neurons(tl.mlp, student_cfg.intermediate_size)
+        q_rows, kv_rows = _head_groups(tl.self_attn, kv_keep, group_keep, head_dim, imp.heads[ti] if imp else None)
+        neurons = (_top(imp.neurons[ti], student_cfg.intermediate_size) if imp
+                   else _mlp_neurons(tl.mlp, student_cfg.intermediate_size))
         a, m = tl.self_attn, tl.mlp
-        put(p + "self_attn.q_proj.weight", _float(a.q_proj.weight)[q_rows][:, hid])
-        put(p + "self_attn.k_proj.weight", _float(a.k_proj.weight)[kv_rows][:, hid])
-        put(p + "self_attn.v_proj.weight", _float(a.v_proj.weight)[kv_rows][:, hid])
-        put(p + "self_attn.o_proj.weight", _float(a.o_proj.weight)[hid][:, q_rows])
-        put(p + "mlp.gate_proj.weight", _float(m.gate_proj.weight)[neurons][:, hid])
-        put(p + "mlp.up_proj.weight", _float(m.up_proj.weight)[neurons][:, hid])
-        put(p + "mlp.down_proj.weight", _float(m.down_proj.weight)[hid][:, neurons])
+        put(p + "self_attn.q_proj.weight", _w(a.q_proj)[q_rows][:, hid])
+        put(p + "self_attn.k_proj.weight", _w(a.k_proj)[kv_rows][:, hid])
+        put(p + "self_attn.v_proj.weight", _w(a.v_proj)[kv_rows][:, hid])
+        put(p + "self_attn.o_proj.weight", _w(a.o_proj)[hid][:, q_rows])
+        put(p + "mlp.gate_proj.weight", _w(m.gate_proj)[neurons][:, hid])
+        put(p + "mlp.up_proj.weight", _w(m.up_proj)[neurons][:, hid])
+        put(p + "mlp.down_proj.weight", _w(m.down_proj)[hid][:, neurons])
         put(p + "input_layernorm.weight", _float(tl.input_layernorm.weight)[hid])
         put(p + "post_attention_layernorm.weight", _float(tl.post_attention_layernorm.weight)[hid])
     student.eval()
-    return student, {"layer_map": layers, "rule": "evenly spaced layers; weight-norm importance for "
-                     "hidden channels, GQA groups, heads and MLP neurons"}
+    rule = ("activation importance on calibration text: residual channels, GQA groups and heads, MLP neurons; "
+            "layers by 1 - cos(input, output), first and last kept") if imp else \
+        "evenly spaced layers; weight-norm importance for hidden channels, GQA groups, heads and MLP neurons"
+    return student, {"layer_map": layers, "rule": rule}
 
 
 def run(ctx) -> dict:
@@ -117,10 +203,14 @@ def run(ctx) -> dict:
 
     from edgedistill.plan import student_config
 
+    from edgedistill.data.teacher_answers import read_jsonl
+
     teacher, tok = ctx.session.teacher(ctx["teacher"])
     plan = ctx["plan"].summary["student"]
     cfg = AutoConfig.for_model(**student_config(teacher.config.to_dict(), plan["shape"], plan["context"]))
-    student, info = build_student(teacher, cfg)
+    n = ctx.cfg.plan.calibration_examples
+    calib = [ex["input_ids"] for ex in read_jsonl(ctx["data"].path("train_tokens.jsonl"))[:n]]
+    student, info = build_student(teacher, cfg, calibrate(teacher, calib) if calib else None)
     student.save_pretrained(ctx.dir / "student")
     tok.save_pretrained(ctx.dir / "student")
-    return {"params": sum(p.numel() for p in student.parameters()), **info}
+    return {"params": sum(p.numel() for p in student.parameters()), "calibration_examples": len(calib), **info}

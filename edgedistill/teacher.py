@@ -161,7 +161,8 @@ def load(src: TeacherSource, *, bits: Optional[int] = None, trust_remote_code: b
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("--teacher-bits needs bitsandbytes: pip install 'edgedistill[lowmem]'") from None
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4)
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4,
+                                                       bnb_4bit_quant_type="nf4")
     try:
         tok = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code,
                                             **{k: v for k, v in kw.items() if k == "gguf_file"})

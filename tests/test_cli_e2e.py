@@ -159,6 +159,8 @@ def test_a_failed_budget_exits_1_and_the_report_says_why(tmp_path, tiny_teacher_
     (["build", "--alpha", "1.5", "--dry-run"], "alpha"),
     (["build", "--compression", "0.5", "--dry-run"], "compression"),
     (["inspect", "README.md"], "neither a GGUF"),
+    (["build", "--teacher", "someorg/some-model", "--dry-run"], "cannot fetch hub model"),
+    (["build", "--student", "layers=2,hidden=oops", "--dry-run"], "--student takes"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     res = cli(*args, "--out", tmp_path / "o") if args[0] == "build" else cli(*args)

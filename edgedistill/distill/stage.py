@@ -28,6 +28,7 @@ def run(ctx) -> dict:
         steps=d.steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
         temperature=d.temperature, alpha=d.alpha, qat_format=qat_format,
         qat_start_step=int(d.qat_start_fraction * d.steps), checkpoint_every=d.checkpoint_every, seed=cfg.seed,
+        mixed_precision=d.mixed_precision,
     )
     result = distill(student, teacher, train, train_cfg, ctx.dir, resume=ctx.session.resume,
                      progress=ctx.session.progress)

@@ -2,7 +2,7 @@
 
 Each artifact is measured in a fresh child process (`python -m edgedistill.measure.profile`), so
 the memory one runtime allocates is neither shared with nor inherited by the next artifact, and
-the child's peak RSS (getrusage ru_maxrss) belongs to that artifact alone (plus the Python
+the child's peak RSS (VmHWM, own address space) belongs to that artifact alone (plus the Python
 interpreter and runtime libraries, which the result reports separately as `baseline_rss_mb`).
 
 The child writes its result to a JSON file named by the parent (`--out`), not to stdout: native
@@ -216,6 +216,13 @@ def host_info() -> dict:
 
 
 def _peak_rss_mb() -> float:
+    # Linux keeps ru_maxrss across fork+exec, so a child of a large parent would report the parent's
+    # footprint; VmHWM belongs to this process's own address space and starts afresh at exec.
+    status = _read("/proc/self/status")
+    if status:
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MB if sys.platform == "darwin" else peak * 1024 / MB  # bytes on macOS, KiB on Linux
 
@@ -279,7 +286,7 @@ def _measure(path: Path, fmt: str, prompt_ids: list[int], new_tokens: int, repea
         effective_threads = getattr(runner, "n_threads", None) or n_threads
     finally:
         runner.close()
-    # ru_maxrss is the kernel's high-water mark; it can lag the live RSS by a page-accounting batch.
+    # the high-water mark; it can lag the live RSS by a page-accounting batch.
     peak_rss = max(v for v in (_peak_rss_mb(), _current_rss_mb(), loaded_rss, baseline_rss) if v is not None)
 
     stats = {k: _stats([r[k] for r in runs]) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s")}
@@ -314,7 +321,7 @@ def _measure(path: Path, fmt: str, prompt_ids: list[int], new_tokens: int, repea
         "basis": (f"measured on this host in a fresh child process: median of {repeats} greedy runs of "
                   f"{new_tokens} new tokens after a {len(prompt_ids)}-token prompt, after one {warmup_tokens}-token "
                   f"warm-up; TTFT = time to the first token, prefill tok/s = prompt tokens / TTFT, decode tok/s = "
-                  f"(tokens - 1) / time for the rest; peak RSS = the child's ru_maxrss, which includes the runtime "
+                  f"(tokens - 1) / time for the rest; peak RSS = the child's VmHWM (own address space), which includes the runtime "
                   f"libraries and the interpreter ({fmt_mb(baseline_rss)} before the runtime was loaded)"),
     }
 
