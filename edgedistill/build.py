@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from edgedistill import atomic
 from edgedistill import teacher as teacher_mod
 from edgedistill.config import BuildConfig, dump_toml
 from edgedistill.errors import UserError
@@ -29,9 +31,7 @@ def prepare_out(out: Path) -> None:
 
 def write_config(cfg: BuildConfig) -> Path:
     path = Path(cfg.out) / CONFIG_FILE
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(dump_toml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, dump_toml(cfg))
     return path
 
 
@@ -103,6 +103,7 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
 def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress: bool = True,

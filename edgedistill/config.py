@@ -99,7 +99,7 @@ class BuildConfig(_Section):
 # Presets set the amount of work; everything else keeps its default. "quick" is sized to finish a
 # build of the default teacher in about 20 minutes on a 2-core CPU (see benchmarks/).
 PRESETS: dict[str, dict] = {
-    "quick": {"data": {"max_prompts": 240, "max_new_tokens": 96}, "distill": {"steps": 40}},
+    "quick": {"data": {"max_prompts": 240, "max_new_tokens": 96}, "distill": {"steps": 60}},
     "standard": {"data": {"max_new_tokens": 160}, "distill": {"steps": 400, "batch_size": 16}},
     "full": {"data": {"max_new_tokens": 256}, "distill": {"steps": 2000, "batch_size": 16, "seq_len": 512},
              "eval": {"max_examples": 200}},

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from rich.console import Console
 
+from edgedistill import atomic
 from edgedistill.config import BuildConfig
 from edgedistill.targets import TargetProfile
 
@@ -159,7 +160,7 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     seconds = time.perf_counter() - t0
     outputs = _outputs(partial)
     outputs_hash = _digest({"outputs": outputs, "summary": summary})
-    write_json_atomic(partial / STAGE_FILE, {"stage": stage.name, "key": key, "summary": summary,
+    atomic.write_json(partial / STAGE_FILE, {"stage": stage.name, "key": key, "summary": summary,
                                              "outputs": outputs, "outputs_hash": outputs_hash,
                                              "seconds": round(seconds, 2)})
     shutil.rmtree(partial / "ckpt", ignore_errors=True)  # training checkpoints are only for resuming
@@ -167,12 +168,6 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     record = Record(stage.name, key, final, summary, outputs_hash, cached=False, seconds=seconds)
     session._stage_cache[final] = record
     return record
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_target(stages: list[Stage], session: Session, target: TargetProfile) -> dict[str, Record]:

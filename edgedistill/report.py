@@ -25,10 +25,9 @@ import copy
 import html
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
+from edgedistill import atomic
 from edgedistill.budget import fmt_num, fmt_pct
 from edgedistill.errors import UserError
 
@@ -64,7 +63,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = _clean(report)
     data.setdefault("schema_version", SCHEMA_VERSION)
-    _atomic_write(out_dir / JSON_NAME, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic.write_text(out_dir / JSON_NAME, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     render(out_dir)
 
 
@@ -72,8 +71,8 @@ def render(out_dir: Path) -> None:
     """(Re-)render report.md and report.html from the report.json in `out_dir`."""
     out_dir = Path(out_dir)
     report = load_report(out_dir)
-    _atomic_write(out_dir / MD_NAME, to_markdown(report))
-    _atomic_write(out_dir / HTML_NAME, to_html(report))
+    atomic.write_text(out_dir / MD_NAME, to_markdown(report))
+    atomic.write_text(out_dir / HTML_NAME, to_html(report))
 
 
 def load_report(path: Path) -> dict:
@@ -135,20 +134,6 @@ def _clean(obj):
     if hasattr(obj, "item"):
         return _clean(obj.item())
     return str(obj)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # "x": created with the usual umask permissions
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _num(x) -> float | None:
@@ -674,7 +659,6 @@ def run(ctx) -> dict:
 
     from edgedistill import __version__
     from edgedistill.measure.profile import host_info
-    from edgedistill.pipeline import file_sha256, write_json_atomic
 
     plan = ctx["plan"].summary["plan"]
     teacher = ctx["teacher"].summary
@@ -721,7 +705,7 @@ def run(ctx) -> dict:
         "files": [{"file": a["file"], "format": a["format"], "bytes": a["bytes"], "sha256": a["sha256"]}
                   for a in artifacts],
     }
-    write_json_atomic(ctx.dir / "manifest.json", manifest)
+    atomic.write_json(ctx.dir / "manifest.json", manifest)
     failed = [f"{a['file']}: {c.get('message') or c['name']}" for a in artifacts for c in a["checks"] if not c["ok"]]
     return {"ok": ok, "failed": failed}
 

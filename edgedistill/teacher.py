@@ -158,7 +158,7 @@ def load(src: TeacherSource, *, bits: Optional[int] = None, trust_remote_code: b
     if bits is not None:
         try:
             from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401 - BitsAndBytesConfig needs it at load time
         except ImportError:
             raise UserError("--teacher-bits needs bitsandbytes: pip install 'edgedistill[lowmem]'") from None
         kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4,

@@ -26,6 +26,8 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
+from edgedistill import atomic
+
 MB = 1e6
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the edgedistill package
 _STDERR_TAIL = 3000
@@ -330,12 +332,6 @@ def fmt_mb(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0f} MB"
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _parse_ids(text: str) -> list[int]:
     return [int(t) for t in text.replace(",", " ").split()]
 
@@ -375,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     if args.out:
-        _atomic_write_json(args.out, result)
+        atomic.write_json(args.out, result)
     if args.json or not args.out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         sys.stdout.flush()
