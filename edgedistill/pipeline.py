@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from rich.console import Console
 
-from edgedistill import atomic
+from edgedistill import __version__, atomic
 from edgedistill.config import BuildConfig
 from edgedistill.targets import TargetProfile
 
@@ -105,7 +105,7 @@ def _digest(obj) -> str:
 def stage_key(stage: Stage, cfg: BuildConfig, target: TargetProfile, upstream: dict[str, Record]) -> str:
     parts = {
         "stage": stage.name,
-        "version": stage.version,
+        "version": [stage.version, __version__],  # an upgrade never reuses another release's outputs
         "reads": {f: _read_field(cfg, target, f) for f in stage.reads},
         "after": {n: (upstream[n].outputs_hash if sel is None else _digest(upstream[n].summary.get(sel)))
                   for n, sel in stage.after.items()},

@@ -84,7 +84,8 @@ def run(ctx) -> dict:
             finally:
                 runner.close()
             parity["weights"] = weight_parity(path, fmt, reference)
-            parity["sample"] = {"prompt": tok.decode(prompt), "reply": tok.decode(gen.tokens, skip_special_tokens=True)}
+            parity["sample"] = {"prompt": tok.decode(prompt), "reply": tok.decode(gen.tokens, skip_special_tokens=True),
+                                "tokens": len(gen.tokens)}
             results[fmt] = parity
             advance()
     return {"artifacts": results}

@@ -13,7 +13,6 @@ import pytest
 from edgedistill.targets import TARGETS_DIR
 
 TINY_STUDENT = "layers=2,hidden=32,intermediate=64,heads=2,kv_heads=1"
-FAST = ["--steps", "4", "--no-progress", "--preset", "quick"]
 
 
 def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -186,3 +185,14 @@ def test_targets_lists_every_profile():
         assert name in res.stdout
     one = cli("targets", "wearable-1gb")
     assert one.returncode == 0 and json.loads(one.stdout)["name"] == "wearable-1gb"
+
+
+def test_a_gguf_teacher_file_is_accepted(tiny_teacher_dir, tmp_path):
+    from edgedistill.export.gguf import export_gguf
+
+    gguf = tmp_path / "tiny-teacher-q8_0.gguf"
+    export_gguf(tiny_teacher_dir, gguf, "gguf-q8_0")
+    res = cli("build", "--teacher", gguf, "--student", TINY_STUDENT, "--target", "rpi5-8gb", "--dry-run",
+              "--out", tmp_path / "o")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "teacher tiny-teacher-q8_0" in res.stderr and "plan for rpi5-8gb" in res.stderr
