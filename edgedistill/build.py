@@ -12,6 +12,7 @@ from rich.table import Table
 from edgedistill import atomic
 from edgedistill import teacher as teacher_mod
 from edgedistill.config import BuildConfig, dump_toml
+from edgedistill.data.prompts import load_user_file
 from edgedistill.errors import UserError
 from edgedistill.pipeline import Record, Session, _digest, _load_record, publish, run_target, stage_key, stages_root
 from edgedistill.plan import solve
@@ -75,6 +76,7 @@ def dry_run(cfg: BuildConfig, targets: list[TargetProfile], console: Console) ->
 def _probe(stages, session: Session, target: TargetProfile, plan: dict) -> list[tuple[str, str]]:
     """Which stages a real build would skip (cached) or run, without running any."""
     from edgedistill.plan import run as plan_run
+    from edgedistill.plan import summary as plan_summary
 
     records: dict[str, Record] = {}
     states = []
@@ -85,8 +87,7 @@ def _probe(stages, session: Session, target: TargetProfile, plan: dict) -> list[
         upstream = {n: records[n] for n in stage.after}
         key = stage_key(stage, session.cfg, target, upstream)
         if stage.run is plan_run:
-            summary = {"student": {"shape": plan["shape"], "context": plan["context"], "qat_format": plan["format"]},
-                       "formats": plan["formats"], "plan": plan}
+            summary = plan_summary(plan)
             records[stage.name] = Record(stage.name, key, Path(), summary, _digest({"outputs": {}, "summary": summary}))
             states.append((stage.name, "computed"))
             continue
@@ -113,6 +114,8 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     _quiet_libraries()
     targets = [load_target(t) for t in cfg.targets]
     teacher_mod.resolve(cfg.teacher)  # bad teacher input fails here, before anything is written
+    for f in cfg.data.prompts:
+        load_user_file(Path(f))
     out = Path(cfg.out)
     prepare_out(out)
     write_config(cfg)

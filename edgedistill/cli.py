@@ -119,21 +119,22 @@ def main() -> None:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted; finished stages are kept. Continue with the same command and --resume")
-        sys.exit(130)
+        rc = 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 3
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # Usage errors come from the click that typer vendors; they know how to show themselves.
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        if debug:
+        if type(e).__name__ == "Abort":
+            rc = 130
+        elif debug:
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set EDGEDISTILL_DEBUG=1 for the traceback)",
-                  highlight=False, soft_wrap=True)
-        sys.exit(3)
+        else:
+            err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set EDGEDISTILL_DEBUG=1 for the traceback)",
+                      highlight=False, soft_wrap=True)
+            sys.exit(3)
+    if rc == 130:  # typer turns Ctrl-C into exit code 130
+        err.print("interrupted; finished stages are kept. Continue with the same command and --resume")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

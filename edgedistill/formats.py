@@ -34,11 +34,3 @@ FORMATS: dict[str, Format] = {
     )
 }
 
-
-def get_format(name: str) -> Format:
-    from edgedistill.errors import UserError
-
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise UserError(f"unknown artifact format {name!r}; known: {', '.join(FORMATS)}") from None

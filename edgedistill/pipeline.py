@@ -124,7 +124,8 @@ def file_sha256(path: Path) -> str:
 
 def _outputs(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_sha256(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STAGE_FILE and "ckpt" not in p.parts}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STAGE_FILE and not any(part.startswith("ckpt") for part in p.parts)}
 
 
 def _load_record(stage: Stage, key: str, folder: Path) -> Optional[Record]:
@@ -132,8 +133,8 @@ def _load_record(stage: Stage, key: str, folder: Path) -> Optional[Record]:
     if not marker.is_file():
         return None
     data = json.loads(marker.read_text())
-    if data.get("key") != key:
-        return None
+    if data.get("key") != key or not all((folder / name).is_file() for name in data.get("outputs", {})):
+        return None  # another key, or outputs that went missing: run the stage again
     return Record(stage.name, key, folder, data["summary"], data["outputs_hash"], cached=True,
                   seconds=data.get("seconds", 0.0))
 
@@ -163,7 +164,10 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     atomic.write_json(partial / STAGE_FILE, {"stage": stage.name, "key": key, "summary": summary,
                                              "outputs": outputs, "outputs_hash": outputs_hash,
                                              "seconds": round(seconds, 2)})
-    shutil.rmtree(partial / "ckpt", ignore_errors=True)  # training checkpoints are only for resuming
+    for ckpt in partial.glob("ckpt*"):  # training checkpoints are only for resuming
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if final.exists():  # an invalid earlier result under the same key (e.g. a deleted output)
+        shutil.rmtree(final)
     os.replace(partial, final)
     record = Record(stage.name, key, final, summary, outputs_hash, cached=False, seconds=seconds)
     session._stage_cache[final] = record

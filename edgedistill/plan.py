@@ -10,7 +10,7 @@ from edgedistill.formats import FORMATS
 from edgedistill.measure import project as projection
 from edgedistill.targets import GB, TargetProfile
 
-QUANT_MULTIPLE = 32  # every quantized format blocks 32 weights along the input dimension
+QUANT_MULTIPLE = max(f.block for f in FORMATS.values())  # student dims must fill whole quantization blocks
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,20 @@ def teacher_shape(cfg: dict) -> Shape:
 
 def budget_checks(shape: Shape, target: TargetProfile, context: int) -> list[dict]:
     """Every budget of the target, for this shape, with the arithmetic behind each figure."""
-    fmt = target.primary_format
+    # Every format the target builds must fit, so each budget is checked for the largest one.
+    fmt = max(target.formats, key=shape.weight_bytes)
     wbytes = shape.weight_bytes(fmt)
     kvt = shape.kv_bytes_per_token()
     fp = projection.footprint(wbytes, kvt, context, target.budget.runtime_overhead_mb)
     proj = projection.project(target, weight_bytes=wbytes, params=shape.params(), kv_bytes_per_token=kvt,
                               context=context)
-    largest = max(shape.weight_bytes(f) for f in target.formats)
     b = target.budget
     checks = [
         ("memory", fp["total_mb"], b.memory_gb * GB / 1e6, "MB", "le",
          f"weights {fp['weights_mb']:.1f} + KV {fp['kv_cache_mb']:.1f} ({kvt} B/token x {context}) "
          f"+ overhead {fp['overhead_mb']:.0f}"),
-        ("artifact", largest / 1e6, b.artifact_gb * GB / 1e6, "MB", "le",
-         f"largest of {', '.join(target.formats)}: {shape.matrix_params():,} quantized weights"),
+        ("artifact", wbytes / 1e6, b.artifact_gb * GB / 1e6, "MB", "le",
+         f"{fmt}, the largest of {', '.join(target.formats)}: {shape.matrix_params():,} quantized weights"),
         ("decode_tok_s", proj["decode_tok_s"], b.min_decode_tok_s, "tok/s", "ge",
          f"{target.device.decode_efficiency:g} x {target.device.sustained:g} x {target.device.bandwidth_gb_s:g} GB/s "
          f"/ ({wbytes / 1e6:.1f} MB weights + KV read at half context) per token"),
@@ -76,6 +76,9 @@ def budget_checks(shape: Shape, target: TargetProfile, context: int) -> list[dic
     if b.max_energy_j_per_100_tok is not None:
         checks.append(("energy_j_per_100_tok", proj["energy_j_per_100_tokens"], b.max_energy_j_per_100_tok, "J",
                        "le", f"{target.device.active_power_w} W / {proj['decode_tok_s']:.1f} tok/s x 100"))
+    if b.max_battery_pct_per_hour is not None and proj["battery_pct_per_hour"] is not None:
+        checks.append(("battery_pct_per_hour", proj["battery_pct_per_hour"], b.max_battery_pct_per_hour, "%", "le",
+                       "chat pattern of the projection model"))
     out = []
     for name, value, limit, unit, sense, how in checks:
         ok = value <= limit if sense == "le" else value >= limit
@@ -188,6 +191,10 @@ def student_config(teacher_cfg: dict, shape: dict, context: int) -> dict:
 
 def run(ctx) -> dict:
     """Stage `plan`: the student for this target. Targets with the same student share what follows."""
-    plan = solve(ctx["teacher"].summary, ctx.target, ctx.cfg.plan)
+    return summary(solve(ctx["teacher"].summary, ctx.target, ctx.cfg.plan))
+
+
+def summary(plan: dict) -> dict:
+    """What later stages key on: the student (shared by targets with the same plan) and the formats."""
     return {"student": {"shape": plan["shape"], "context": plan["context"], "qat_format": plan["format"]},
             "formats": plan["formats"], "plan": plan}

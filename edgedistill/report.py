@@ -364,7 +364,7 @@ def to_markdown(report: dict) -> str:
             lines.append("")
         p = a["parity"]
         if p:
-            lines += [f"Parity with the unquantized student: top-1 agreement {_pct(p.get('top1_agreement'))}, "
+            lines += [f"Parity in its runtime with the PyTorch fake-quant student (same format): top-1 agreement {_pct(p.get('top1_agreement'))}, "
                       f"KL {_f(p.get('kl'))}.", ""]
         lines += ["Measured on the build host:", "", _md_table(["Figure", "Value"], _host_rows(a["host"])), ""]
         if a["host"].get("basis"):
@@ -618,7 +618,7 @@ def to_html(report: dict) -> str:
                 for c in a["checks"]) + "</ul>")
         p = a["parity"]
         if p:
-            body.append(f"<p>Parity with the unquantized student: top-1 agreement {_e(_pct(p.get('top1_agreement')))}, "
+            body.append(f"<p>Parity in its runtime with the PyTorch fake-quant student (same format): top-1 agreement {_e(_pct(p.get('top1_agreement')))}, "
                         f"KL {_e(_f(p.get('kl')))}.</p>")
         body += ["<p>Measured on the build host:</p>", _html_table(["Figure", "Value"], _host_rows(a["host"]))]
         if a["host"].get("basis"):

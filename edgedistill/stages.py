@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgedistill import budget, plan, prune, report, teacher, verify
 from edgedistill.data import stage as data_stage
 from edgedistill.distill import stage as distill_stage
@@ -14,11 +16,18 @@ def _teacher_identity(cfg) -> str:
     return teacher.fingerprint(teacher.resolve(cfg.teacher))
 
 
+def _prompt_files_identity(cfg) -> str:
+    """Users edit their prompt files in place: the key follows their bytes, not their names."""
+    from edgedistill.pipeline import file_sha256
+
+    return ",".join(file_sha256(Path(f)) for f in cfg.data.prompts)
+
+
 STAGES: list[Stage] = [
     Stage("teacher", teacher.run, after={}, reads=("teacher", "teacher_bits", "trust_remote_code"),
           extra=_teacher_identity),
     Stage("plan", plan.run, after={"teacher": "config"}, reads=("plan", "target")),
-    Stage("data", data_stage.run, after={"teacher": None}, reads=("data", "seed")),
+    Stage("data", data_stage.run, after={"teacher": None}, reads=("data", "seed"), extra=_prompt_files_identity),
     Stage("init", prune.run, after={"teacher": None, "data": None, "plan": "student"},
           reads=("plan.calibration_examples",)),
     Stage("distill", distill_stage.run, after={"teacher": None, "init": None, "data": None, "plan": "student"},
@@ -29,8 +38,8 @@ STAGES: list[Stage] = [
                                        "plan": "student"}, reads=("eval.verify_tokens",)),
     Stage("profile", profile_stage.run, after={"data": None, "export": None},
           reads=("eval.profile_new_tokens", "eval.profile_repeats", "target.budget.prompt_tokens")),
-    Stage("budget", budget.run, after={"plan": None, "export": None, "profile": None}, reads=("target",)),
-    Stage("report", report.run, after={"teacher": None, "plan": None, "init": None, "distill": None,
+    Stage("budget", budget.run, after={"plan": None, "export": None}, reads=("target",)),
+    Stage("report", report.run, after={"teacher": None, "plan": None, "data": None, "init": None, "distill": None,
                                        "export": None, "verify": None, "profile": None, "budget": None},
           reads=("target",)),
 ]

@@ -169,6 +169,11 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+def test_usage_errors_exit_2_with_usage():
+    res = cli("build", "--bogus")
+    assert res.returncode == 2 and "No such option" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")

@@ -19,8 +19,9 @@ def run(ctx) -> dict:
     student_dir = ctx["distill"].path("student")
     tokenizer_gguf = ctx["teacher"].summary.get("tokenizer_gguf")
     artifacts = {}
-    with task_progress("export", len(ctx.target.formats), ctx.session.progress) as advance:
-        for name in ctx.target.formats:
+    formats = ctx["plan"].summary["formats"]
+    with task_progress("export", len(formats), ctx.session.progress) as advance:
+        for name in formats:
             fmt = FORMATS[name]
             out = ctx.dir / fmt.artifact_name
             if fmt.runtime == "llamacpp":
