@@ -324,22 +324,26 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _overview_rows(r: dict) -> list[list[str]]:
+    """The report's head table (teacher, student, compression, target, provenance), for md and html alike."""
+    t, s = r["teacher"], r["student"]
+    rows = [["Teacher", f"{t['id'] or 'n/a'} ({_params(t['params'])} params)"], ["Student", _shape_text(s)]]
+    if _num(t["params"]) and _num(s["params"]):
+        rows.append(["Compression", f"{fmt_num(t['params'] / s['params'])}x fewer parameters"])
+    if r["target_profile"].get("description"):
+        rows.append(["Target", r["target_profile"]["description"]])
+    for key, label in (("created", "Built"), ("edgedistill_version", "edgedistill"), ("config_hash", "Config hash")):
+        if r.get(key):
+            rows.append([label, str(r[key])])
+    return rows
+
+
 def to_markdown(report: dict) -> str:
     r = _normalize(report)
     head, failed = _summary_line(r)
-    t, s = r["teacher"], r["student"]
     lines = [f"# edgedistill report: {r['target']}", "", f"**{head}**", ""]
     lines += [f"- {m}" for m in failed] + ([""] if failed else [])
-    overview = [["Teacher", f"{t['id'] or 'n/a'} ({_params(t['params'])} params)"],
-                ["Student", _shape_text(s)]]
-    if _num(t["params"]) and _num(s["params"]):
-        overview.append(["Compression", f"{fmt_num(t['params'] / s['params'])}x fewer parameters"])
-    if r["target_profile"].get("description"):
-        overview.append(["Target", r["target_profile"]["description"]])
-    for key, label in (("created", "Built"), ("edgedistill_version", "edgedistill"), ("config_hash", "Config hash")):
-        if r.get(key):
-            overview.append([label, str(r[key])])
-    lines += [_md_table(["", ""], overview), ""]
+    lines += [_md_table(["", ""], _overview_rows(r)), ""]
     lines += [f"- {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
 
     if r["target_profile"]:
@@ -566,19 +570,10 @@ def to_html(report: dict) -> str:
     r = _normalize(report)
     head, failed = _summary_line(r)
     cls = {True: "pass", False: "fail"}.get(r["ok"], "none")
-    t, s = r["teacher"], r["student"]
     body = [f"<h1>edgedistill report: {_e(r['target'])}</h1>", f'<div class="banner {cls}">{_e(head)}</div>']
     if failed:
         body.append("<ul>" + "".join(f'<li class="fail">{_e(m)}</li>' for m in failed) + "</ul>")
-    overview = [["Teacher", f"{t['id'] or 'n/a'} ({_params(t['params'])} params)"], ["Student", _shape_text(s)]]
-    if _num(t["params"]) and _num(s["params"]):
-        overview.append(["Compression", f"{fmt_num(t['params'] / s['params'])}x fewer parameters"])
-    if r["target_profile"].get("description"):
-        overview.append(["Target", r["target_profile"]["description"]])
-    for key, label in (("created", "Built"), ("edgedistill_version", "edgedistill"), ("config_hash", "Config hash")):
-        if r.get(key):
-            overview.append([label, str(r[key])])
-    body.append(_html_table(None, overview))
+    body.append(_html_table(None, _overview_rows(r)))
     if r["notes"]:
         body.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in r["notes"]) + "</ul>")
 
