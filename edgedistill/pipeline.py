@@ -46,6 +46,7 @@ class Record:
     dir: Path
     summary: dict
     outputs_hash: str
+    outputs: dict = field(default_factory=dict)  # file (relative to dir) -> sha256
     cached: bool = False
     seconds: float = 0.0
 
@@ -135,8 +136,8 @@ def _load_record(stage: Stage, key: str, folder: Path) -> Optional[Record]:
     data = json.loads(marker.read_text())
     if data.get("key") != key or not all((folder / name).is_file() for name in data.get("outputs", {})):
         return None  # another key, or outputs that went missing: run the stage again
-    return Record(stage.name, key, folder, data["summary"], data["outputs_hash"], cached=True,
-                  seconds=data.get("seconds", 0.0))
+    return Record(stage.name, key, folder, data["summary"], data["outputs_hash"], data.get("outputs", {}),
+                  cached=True, seconds=data.get("seconds", 0.0))
 
 
 def stages_root(cfg: BuildConfig) -> Path:
@@ -169,7 +170,7 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     if final.exists():  # an invalid earlier result under the same key (e.g. a deleted output)
         shutil.rmtree(final)
     os.replace(partial, final)
-    record = Record(stage.name, key, final, summary, outputs_hash, cached=False, seconds=seconds)
+    record = Record(stage.name, key, final, summary, outputs_hash, outputs, cached=False, seconds=seconds)
     session._stage_cache[final] = record
     return record
 

@@ -124,18 +124,20 @@ def hidden_channels(teacher, k: int) -> Tensor:
     return _top(score, k)
 
 
-def _head_groups(attn, kv_keep: int, group_keep: int, head_dim: int,
-                 measured: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Indices of kept query rows and kv rows; whole kv groups, then the strongest heads inside each."""
+def _weight_head_scores(attn, head_dim: int, n_kv: int) -> tuple[Tensor, Tensor]:
+    """Per query head and per kv group scores from weight norms (the rule without calibration data)."""
     q, k, v, o = (_w(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
     q, k, v = (w.view(-1, head_dim, w.shape[1]) for w in (q, k, v))
     o = o.view(o.shape[0], -1, head_dim)
-    n_kv, n_q = k.shape[0], q.shape[0]
-    group = n_q // n_kv
     head_score = q.flatten(1).norm(dim=1) * o.transpose(0, 1).flatten(1).norm(dim=1)
-    kv_score = k.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1) * head_score.view(n_kv, group).sum(1)
-    if measured is not None:
-        head_score, kv_score = measured, measured.view(n_kv, group).sum(1)
+    kv_score = k.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1) * head_score.view(n_kv, -1).sum(1)
+    return head_score, kv_score
+
+
+def _head_groups(head_score: Tensor, kv_score: Tensor, kv_keep: int, group_keep: int,
+                 head_dim: int) -> tuple[Tensor, Tensor]:
+    """Indices of kept query rows and kv rows; whole kv groups, then the strongest heads inside each."""
+    group = head_score.numel() // kv_score.numel()
     q_heads, kv_heads = [], []
     for g in _top(kv_score, kv_keep).tolist():
         kv_heads.append(g)
@@ -157,6 +159,7 @@ def build_student(teacher, student_cfg, importance: Importance | None = None) ->
 
     tc = teacher.config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
     kv_keep = student_cfg.num_key_value_heads
     group_keep = student_cfg.num_attention_heads // kv_keep
     imp = importance
@@ -177,7 +180,11 @@ def build_student(teacher, student_cfg, importance: Importance | None = None) ->
         put("lm_head.weight", _float(teacher.lm_head.weight)[:, hid])
     for i, ti in enumerate(layers):
         tl, p = t_layers[ti], f"model.layers.{i}."
-        q_rows, kv_rows = _head_groups(tl.self_attn, kv_keep, group_keep, head_dim, imp.heads[ti] if imp else None)
+        if imp:
+            head_score, kv_score = imp.heads[ti], imp.heads[ti].view(n_kv, -1).sum(1)
+        else:
+            head_score, kv_score = _weight_head_scores(tl.self_attn, head_dim, n_kv)
+        q_rows, kv_rows = _head_groups(head_score, kv_score, kv_keep, group_keep, head_dim)
         neurons = (_top(imp.neurons[ti], student_cfg.intermediate_size) if imp
                    else _mlp_neurons(tl.mlp, student_cfg.intermediate_size))
         a, m = tl.self_attn, tl.mlp
@@ -201,9 +208,8 @@ def run(ctx) -> dict:
     """Stage `init`: the untrained student, cut from the teacher to the planned shape."""
     from transformers import AutoConfig
 
-    from edgedistill.plan import student_config
-
     from edgedistill.data.teacher_answers import read_jsonl
+    from edgedistill.plan import student_config
 
     teacher, tok = ctx.session.teacher(ctx["teacher"])
     plan = ctx["plan"].summary["student"]

@@ -661,12 +661,11 @@ def run(ctx) -> dict:
     exported = ctx["export"].summary["artifacts"]
     artifacts = []
     for fmt, art in exported.items():
-        path = ctx["export"].path(art["file"])
         host = ctx["profile"].summary["artifacts"][fmt]
         verdict = ctx["budget"].summary["artifacts"][fmt]
         proj = verdict["projected"]
         artifacts.append({
-            "file": art["file"], "format": fmt, "bytes": art["bytes"], "sha256": _artifact_sha256(path),
+            "file": art["file"], "format": fmt, "bytes": art["bytes"], "sha256": _artifact_sha256(ctx["export"], art["file"]),
             "parity": ctx["verify"].summary["artifacts"][fmt],
             "host": host, "projected": {k: v for k, v in proj.items() if k != "footprint"},
             "footprint": proj["footprint"], "memory_tier": proj["memory_tier"],
@@ -705,17 +704,19 @@ def run(ctx) -> dict:
     return {"ok": ok, "failed": failed}
 
 
-def _artifact_sha256(path: Path) -> str:
-    """A file's sha256; for an ONNX folder, the sha256 of its files' names and hashes in order."""
+def _artifact_sha256(export, name: str) -> str:
+    """A file's sha256; for an ONNX folder, the sha256 of its files' names and hashes in order.
+
+    The pipeline hashed every output when the export stage finished; reuse those hashes.
+    """
     import hashlib
 
-    from edgedistill.pipeline import file_sha256
-
-    if path.is_file():
-        return file_sha256(path)
+    if name in export.outputs:
+        return export.outputs[name]
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(path)}:{file_sha256(p)}\n".encode())
+    for rel, digest in sorted(export.outputs.items()):
+        if rel.startswith(name + "/"):
+            h.update(f"{rel[len(name) + 1:]}:{digest}\n".encode())
     return h.hexdigest()
 
 
