@@ -40,7 +40,7 @@ def plan_table(target: TargetProfile, plan: dict) -> Table:
     s = plan["shape"]
     t = Table(title=f"plan for {target.name}: {s['layers']} layers x hidden {s['hidden']} (intermediate "
                     f"{s['intermediate']}, heads {s['heads']}/{s['kv_heads']} kv), {plan['params'] / 1e6:.1f}M "
-                    f"params ({plan['compression']:.1f}x smaller), {plan['format']}, context {plan['context']}",
+                    f"params ({plan['compression']:.1f}x smaller), {plan['format']}{_groups(plan)}, context {plan['context']}",
               title_justify="left")
     for col in ("budget", "figure", "limit", "ok", "arithmetic"):
         t.add_column(col, overflow="fold")
@@ -50,21 +50,42 @@ def plan_table(target: TargetProfile, plan: dict) -> Table:
     return t
 
 
+def _groups(plan: dict) -> str:
+    bits = plan.get("group_bits") or {}
+    return "".join(f" ({g} at {b} bits)" for g, b in bits.items())
+
+
+def _shape_line(s: dict) -> str:
+    return (f"{s['layers']} layers x {s['hidden']} (inter {s['intermediate']}, heads {s['heads']}/{s['kv_heads']})"
+            + (f": {s['params'] / 1e6:.1f}M params" if "params" in s else ""))
+
+
+def plan_all(cfg: BuildConfig, targets: list[TargetProfile]) -> tuple[dict, list[dict]]:
+    """Every target's plan before any work, so an impossible budget fails at once (exit 2), not after training."""
+    from edgedistill.progressive import split_steps
+
+    info = teacher_mod.describe(teacher_mod.resolve(cfg.teacher), cfg.trust_remote_code)
+    plans = [solve(info, target, cfg.plan) for target in targets]
+    for plan in plans:
+        split_steps(cfg.distill.steps, len(plan["progressive"]) + 1)  # refuses fewer steps than stages
+    return info, plans
+
+
 def dry_run(cfg: BuildConfig, targets: list[TargetProfile], console: Console) -> int:
     from edgedistill.stages import STAGES
 
-    info = teacher_mod.describe(teacher_mod.resolve(cfg.teacher), cfg.trust_remote_code)
+    info, plans = plan_all(cfg, targets)
     console.print(f"teacher {info['id']}: {info['params']:,} params")
     session = Session(cfg, console)
-    for target in targets:
-        plan = solve(info, target, cfg.plan)
+    for target, plan in zip(targets, plans):
         console.print(plan_table(target, plan))
         console.print(f"  why: {plan['why']}")
         if not plan["fits"]:
             console.print("  [yellow]warning:[/yellow] this shape misses a budget above; the build would fail its verdict")
         for r in plan["runners_up"]:
-            console.print(f"  runner-up: {r['layers']} layers x {r['hidden']} (inter {r['intermediate']}, heads "
-                          f"{r['heads']}/{r['kv_heads']}): {r['params'] / 1e6:.1f}M params")
+            console.print(f"  runner-up: {_shape_line(r)}")
+        for i, s in enumerate(plan["progressive"], 1):
+            console.print(f"  progressive stage {i}: {_shape_line(s)}, then prune to the plan above")
         console.print("  formats: " + ", ".join(target.formats) + f"  (trained for {target.primary_format})")
         states = _probe(STAGES, session, target, plan)
         console.print("  stages: " + ", ".join(f"{n} ({s})" for n, s in states), markup=False)
@@ -121,6 +142,7 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     write_config(cfg)
     if dry:
         return dry_run(cfg, targets, console)
+    plan_all(cfg, targets)
     from edgedistill.report import files_to_publish
     from edgedistill.stages import STAGES
 

@@ -42,6 +42,9 @@ def build(
     compression: Optional[float] = typer.Option(None, help="teacher params / student params (default 4)"),
     student: Optional[str] = typer.Option(None, help="explicit shape: layers=8,hidden=384,intermediate=1024,heads=6,kv_heads=2"),
     context: Optional[int] = typer.Option(None, help="context length (default: the target's)"),
+    progressive: Optional[bool] = typer.Option(
+        None, "--progressive/--no-progressive",
+        help="prune and distill in stages of plan.progressive_ratio (2x), each student teaching the next"),
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
     temperature: Optional[float] = typer.Option(None, help="KD temperature tau (> 0)"),
     alpha: Optional[float] = typer.Option(None, help="weight of the KD term vs cross-entropy, in [0, 1]"),
@@ -62,7 +65,8 @@ def build(
         "teacher": teacher, "targets": list(target) if target else None, "out": str(out) if out else None,
         "preset": preset, "seed": seed, "teacher_bits": teacher_bits,
         "trust_remote_code": trust_remote_code or None,
-        "plan": {"compression": compression, "student": _student_shape(student), "context": context},
+        "plan": {"compression": compression, "student": _student_shape(student), "context": context,
+                 "progressive": progressive},
         "distill": {"steps": steps, "temperature": temperature, "alpha": alpha},
         "data": {"prompts": [str(p) for p in prompts] if prompts else None},
     })

@@ -34,6 +34,8 @@ class PlanConfig(_Section):
     student: Optional[StudentShape] = None
     context: Optional[int] = Field(None, gt=0, description="overrides the target's context")
     calibration_examples: int = Field(32, ge=0, description="training examples the init stage measures importance on; 0: weight norms")
+    progressive: bool = Field(False, description="compress in stages, each intermediate student teaching the next")
+    progressive_ratio: float = Field(2.0, gt=1.0, description="compression per progressive stage")
 
 
 class DataConfig(_Section):

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from edgedistill.errors import UserError
+
 
 @dataclass(frozen=True)
 class Format:
@@ -34,3 +36,42 @@ FORMATS: dict[str, Format] = {
     )
 }
 
+
+# Tensor groups a plan may give more bits than its artifact's format (e.g. {"embed": 8}), keyed by
+# the last part of the HF module name; norms and biases are in no group and stay float.
+TENSOR_GROUPS = ("embed", "attn", "mlp")
+_GROUP_OF_MODULE = {
+    "embed_tokens": "embed", "lm_head": "embed",
+    "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
+
+def tensor_group(hf_name: str) -> str | None:
+    """The group of an HF parameter ("...q_proj.weight") or module ("...q_proj") name, or None."""
+    parts = hf_name.split(".")
+    if parts[-1] == "weight":
+        parts.pop()
+    return _GROUP_OF_MODULE.get(parts[-1]) if parts else None
+
+
+def tensor_format(fmt: str, group: str | None, group_bits: dict | None) -> str:
+    """The format a tensor of `group` is stored in, in an artifact of format `fmt`.
+
+    A group asking for more bits than fmt gets the format of fmt's runtime with those bits; one
+    asking for fewer (or none) keeps fmt: an artifact is never less precise than its name says.
+    """
+    if not group_bits:
+        return fmt
+    unknown = set(group_bits) - set(TENSOR_GROUPS)
+    if unknown:
+        raise UserError(f"unknown tensor group(s) {sorted(unknown)}; known: {', '.join(TENSOR_GROUPS)}")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    base, bits = FORMATS[fmt], group_bits.get(group)
+    if bits is None or bits <= base.bits:
+        return fmt
+    for f in FORMATS.values():
+        if f.runtime == base.runtime and f.bits == bits:
+            return f.name
+    raise UserError(f"no {base.runtime} format has {bits}-bit weights (tensor group {group!r} of {fmt})")

@@ -39,7 +39,7 @@ class Importance:
     """Per-unit importance measured on calibration text."""
 
     hidden: Tensor  # [hidden]
-    layers: Tensor  # [n_layers]: 1 - cos(input, output) of each decoder layer
+    layers: Tensor | None  # [n_layers]: 1 - cos(input, output) of each decoder layer; None: evenly spaced
     neurons: list[Tensor]  # per layer [intermediate]
     heads: list[Tensor]  # per layer [n_heads]
 
@@ -54,24 +54,27 @@ def calibrate(teacher, sequences: list[list[int]]) -> Importance:
     change = torch.zeros(n_layers)
     neurons = [torch.zeros(cfg.intermediate_size) for _ in range(n_layers)]
     heads = [torch.zeros(cfg.num_attention_heads) for _ in range(n_layers)]
+    # The model may sit on an accelerator (a trained intermediate student, or a teacher that an earlier
+    # target's distill moved there): inputs go to its device, scores come back to the CPU.
+    device = next(teacher.parameters()).device
     hooks = []
 
     def on_layer(i):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
-            hid[i] += x.float().abs().mean(dim=(0, 1))
-            change[i] += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).mean()
+            hid[i] += x.float().abs().mean(dim=(0, 1)).cpu()
+            change[i] += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).mean().cpu()
         return hook
 
     def on_down(i):
         def hook(module, args):  # a pre-hook that returns None leaves the input as it is
-            neurons[i] += args[0].float().abs().mean(dim=(0, 1))
+            neurons[i] += args[0].float().abs().mean(dim=(0, 1)).cpu()
         return hook
 
     def on_o(i):
         def hook(module, args):
-            heads[i] += args[0].float().unflatten(-1, (-1, head_dim)).norm(dim=-1).mean(dim=(0, 1))
+            heads[i] += args[0].float().unflatten(-1, (-1, head_dim)).norm(dim=-1).mean(dim=(0, 1)).cpu()
         return hook
 
     for i, layer in enumerate(teacher.model.layers):
@@ -80,13 +83,23 @@ def calibrate(teacher, sequences: list[list[int]]) -> Importance:
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o(i)))
     try:
         for ids in sequences:
-            teacher(input_ids=torch.tensor([ids]), use_cache=False)
+            teacher(input_ids=torch.tensor([ids], device=device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
     # each layer's residual stream has its own scale; normalise before summing so no layer dominates
     hidden_score = (hid / hid.mean(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
     return Importance(hidden_score, change, neurons, heads)
+
+
+def sliced(config) -> Importance:
+    """The naive baseline as importance scores: evenly spaced layers, the first channels, heads and neurons."""
+    def first(n: int) -> Tensor:
+        return torch.arange(n, 0, -1, dtype=torch.float32)
+
+    n = config.num_hidden_layers
+    return Importance(first(config.hidden_size), None, [first(config.intermediate_size) for _ in range(n)],
+                      [first(config.num_attention_heads) for _ in range(n)])
 
 
 def _float(w, module=None) -> Tensor:
@@ -204,19 +217,47 @@ def build_student(teacher, student_cfg, importance: Importance | None = None) ->
     return student, {"layer_map": layers, "rule": rule}
 
 
-def run(ctx) -> dict:
-    """Stage `init`: the untrained student, cut from the teacher to the planned shape."""
+def cut(model, shape: dict, context: int, calib: list[list[int]]) -> tuple[torch.nn.Module, dict]:
+    """`model` pruned to a plan `shape`; importance is measured on `calib` when there is any."""
     from transformers import AutoConfig
 
-    from edgedistill.data.teacher_answers import read_jsonl
     from edgedistill.plan import student_config
+
+    cfg = AutoConfig.for_model(**student_config(model.config.to_dict(), shape, context))
+    return build_student(model, cfg, calibrate(model, calib) if calib else None)
+
+
+def _save(model, tok, folder) -> None:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def run(ctx) -> dict:
+    """Stage `init`: the untrained student, cut from the teacher to the planned shape.
+
+    A progressive plan first prunes and distills through its intermediate shapes; the student is then
+    cut from the last of them, which is saved as `assistant/` to be the distill stage's teacher.
+    """
+    from edgedistill import progressive
+    from edgedistill.data.teacher_answers import read_jsonl
 
     teacher, tok = ctx.session.teacher(ctx["teacher"])
     plan = ctx["plan"].summary["student"]
-    cfg = AutoConfig.for_model(**student_config(teacher.config.to_dict(), plan["shape"], plan["context"]))
     n = ctx.cfg.plan.calibration_examples
     calib = [ex["input_ids"] for ex in read_jsonl(ctx["data"].path("train_tokens.jsonl"))[:n]]
-    student, info = build_student(teacher, cfg, calibrate(teacher, calib) if calib else None)
-    student.save_pretrained(ctx.dir / "student")
-    tok.save_pretrained(ctx.dir / "student")
-    return {"params": sum(p.numel() for p in student.parameters()), "calibration_examples": len(calib), **info}
+    chain = plan["progressive"]
+    source, source_layers, stages = teacher, list(range(teacher.config.num_hidden_layers)), []
+    if chain:
+        cfg = ctx.cfg
+        source, source_layers, stages = progressive.run_chain(
+            teacher, chain, cfg=cfg, calib=calib, context=plan["context"],
+            train=read_jsonl(ctx["data"].path("train_tokens.jsonl")),
+            heldout=read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples],
+            workdir=ctx.dir, resume=ctx.session.resume, progress=ctx.session.progress, say=ctx.console.print)
+        _save(source, tok, ctx.dir / "assistant")
+    student, info = cut(source, plan["shape"], plan["context"], calib)
+    # hidden-state losses and the report want layers of the original teacher, not of the assistant
+    info["layer_map"] = [source_layers[i] for i in info["layer_map"]]
+    _save(student, tok, ctx.dir / "student")
+    return {"params": sum(p.numel() for p in student.parameters()), "calibration_examples": len(calib), **info,
+            "progressive": stages}

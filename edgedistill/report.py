@@ -15,6 +15,8 @@ Optional fields the renderers show when present:
     artifact: memory_tier, footprint {weights_mb, kv_cache_mb, overhead_mb, total_mb, basis},
               projected.{prefill_tok_s, battery_pct_per_hour, basis}, host.{basis, stats, load_s, n_threads}
     check: unit, op, margin_pct, message (as edgedistill.budget writes them)
+    progressive: [{stage, params, shape, steps, tokens, quality}], teacher to final student, when the
+                 build compressed in stages (see progressive_stages)
 
 Everything else in the report is kept in report.json as given.
 """
@@ -195,6 +197,7 @@ def _normalize(report: dict) -> dict:
     for key in ("target_profile", "host", "timings_s"):
         r[key] = r.get(key) or {}
     r["notes"] = r.get("notes") or []
+    r["progressive"] = [s for s in (r.get("progressive") or []) if isinstance(s, dict)]
     return r
 
 
@@ -283,6 +286,23 @@ def _quality_rows(q: dict) -> list[list[str]]:
     return rows
 
 
+def _progressive_rows(stages: list[dict]) -> list[list[str]]:
+    rows = []
+    for s in stages:
+        sh, q = s.get("shape") or {}, s.get("quality") or {}
+        shape = ", ".join(f"{k} {sh[k]}" for k in ("layers", "hidden", "intermediate", "heads", "kv_heads")
+                          if k in sh)
+        rows.append([str(s.get("stage")), _params(s.get("params")), shape or "n/a",
+                     "n/a" if s.get("steps") is None else str(s["steps"]),
+                     _pct(q.get("top1_agreement")), _f(q.get("kl")), _f(q.get("perplexity"))])
+    return rows
+
+
+_PROGRESSIVE_HEADERS = ["Stage", "Params", "Shape", "Distill steps", "Top-1 agreement", "KL", "Perplexity"]
+_PROGRESSIVE_NOTE = ("Each stage was pruned from the one above it and distilled against it; every stage is "
+                     "scored against the original teacher on the held-out prompts.")
+
+
 def _budget_rows(tp: dict) -> list[list[str]]:
     b, d = tp.get("budget") or {}, tp.get("device") or {}
     rows = []
@@ -330,6 +350,11 @@ def _overview_rows(r: dict) -> list[list[str]]:
     rows = [["Teacher", f"{t['id'] or 'n/a'} ({_params(t['params'])} params)"], ["Student", _shape_text(s)]]
     if _num(t["params"]) and _num(s["params"]):
         rows.append(["Compression", f"{fmt_num(t['params'] / s['params'])}x fewer parameters"])
+    if s.get("group_bits"):
+        rows.append(["Mixed precision", ", ".join(f"{g} tensors at {b} bits" for g, b in s["group_bits"].items())
+                     + " in every artifact; the rest in the artifact's own format"])
+    if s.get("plan_why"):
+        rows.append(["Why this student", str(s["plan_why"])])
     if r["target_profile"].get("description"):
         rows.append(["Target", r["target_profile"]["description"]])
     for key, label in (("created", "Built"), ("edgedistill_version", "edgedistill"), ("config_hash", "Config hash")):
@@ -384,6 +409,9 @@ def to_markdown(report: dict) -> str:
     qrows = _quality_rows(r["quality"])
     lines += [_md_table(["Metric"] + [label for _, label in _QUALITY_COLS], qrows) if qrows
               else "No quality figures were recorded.", ""]
+    if r["progressive"]:
+        lines += ["## Progressive compression", "", _PROGRESSIVE_NOTE, "",
+                  _md_table(_PROGRESSIVE_HEADERS, _progressive_rows(r["progressive"])), ""]
 
     if r["host"]:
         h = r["host"]
@@ -631,6 +659,9 @@ def to_html(report: dict) -> str:
         body += [_svg_quality(r["quality"]), _html_table(["Metric"] + [label for _, label in _QUALITY_COLS], qrows)]
     else:
         body.append("<p>No quality figures were recorded.</p>")
+    if r["progressive"]:
+        body += ["<h2>Progressive compression</h2>", f"<p>{_e(_PROGRESSIVE_NOTE)}</p>",
+                 _html_table(_PROGRESSIVE_HEADERS, _progressive_rows(r["progressive"]))]
 
     if r["host"]:
         rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else
@@ -680,11 +711,13 @@ def run(ctx) -> dict:
         "student": {"params": distilled["params"], "shape": plan["shape"], "format": plan["format"],
                     "context": plan["context"], "compression": plan["compression"],
                     "layer_map": ctx["init"].summary["layer_map"], "init_rule": ctx["init"].summary["rule"],
-                    "plan_checks": plan["checks"], "plan_why": plan["why"]},
+                    "plan_checks": plan["checks"], "plan_why": plan["why"],
+                    "group_bits": plan["group_bits"]},
         "quality": distilled["quality"] | {"basis": "held-out prompts answered by the teacher: next-token top-1 "
                                            "agreement with the teacher, KL(teacher || model), perplexity of the "
                                            "teacher's answers; answer tokens only"},
         "training": distilled["train"],
+        "progressive": progressive_stages(teacher, ctx["init"].summary, distilled, plan),
         "artifacts": artifacts,
         "target_profile": ctx.target.model_dump(mode="json"),
         "host": ctx["profile"].summary.get("host") or host_info(),
@@ -702,6 +735,25 @@ def run(ctx) -> dict:
     atomic.write_json(ctx.dir / "manifest.json", manifest)
     failed = [f"{a['file']}: {c.get('message') or c['name']}" for a in artifacts for c in a["checks"] if not c["ok"]]
     return {"ok": ok, "failed": failed}
+
+
+def progressive_stages(teacher: dict, init: dict, distilled: dict, plan: dict) -> list[dict]:
+    """Per-stage figures of a progressive build, from the teacher to the final student; [] for a one-cut build."""
+    from dataclasses import asdict
+
+    from edgedistill.plan import teacher_shape
+
+    if not init["progressive"]:
+        return []
+    train = distilled["train"]
+    return [
+        {"stage": "teacher", "params": teacher["params"], "shape": asdict(teacher_shape(teacher["config"])),
+         "steps": None, "tokens": None, "quality": distilled["quality"]["teacher"]},
+        *({"stage": f"intermediate {i}", **{k: s[k] for k in ("params", "shape", "steps", "tokens", "quality")}}
+          for i, s in enumerate(init["progressive"], 1)),
+        {"stage": "student", "params": distilled["params"], "shape": plan["shape"], "steps": train["steps"],
+         "tokens": train["tokens"], "quality": distilled["quality"]["student"]},
+    ]
 
 
 def _artifact_sha256(export, name: str) -> str:

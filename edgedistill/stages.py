@@ -16,6 +16,15 @@ def _teacher_identity(cfg) -> str:
     return teacher.fingerprint(teacher.resolve(cfg.teacher))
 
 
+def _progressive_identity(cfg) -> str:
+    """A progressive init trains its intermediates, so it then depends on the training settings too."""
+    import json
+
+    if not cfg.plan.progressive:
+        return ""
+    return json.dumps(cfg.model_dump(mode="json", include={"distill", "seed", "eval"}), sort_keys=True)
+
+
 def _prompt_files_identity(cfg) -> str:
     """Users edit their prompt files in place: the key follows their bytes, not their names."""
     from edgedistill.pipeline import file_sha256
@@ -26,20 +35,20 @@ def _prompt_files_identity(cfg) -> str:
 STAGES: list[Stage] = [
     Stage("teacher", teacher.run, after={}, reads=("teacher", "teacher_bits", "trust_remote_code"),
           extra=_teacher_identity),
-    Stage("plan", plan.run, after={"teacher": "config"}, reads=("plan", "target")),
+    Stage("plan", plan.run, after={"teacher": "config"}, reads=("plan", "target"), version=2),
     Stage("data", data_stage.run, after={"teacher": None}, reads=("data", "seed"), extra=_prompt_files_identity),
     Stage("init", prune.run, after={"teacher": None, "data": None, "plan": "student"},
-          reads=("plan.calibration_examples",)),
+          reads=("plan.calibration_examples",), extra=_progressive_identity, version=2),
     Stage("distill", distill_stage.run, after={"teacher": None, "init": None, "data": None, "plan": "student"},
-          reads=("distill", "seed", "eval.max_examples")),
-    Stage("export", export_stage.run, after={"teacher": None, "distill": None, "plan": "formats"},
-          reads=("export",)),
+          reads=("distill", "seed", "eval.max_examples"), version=2),
+    Stage("export", export_stage.run, after={"teacher": None, "distill": None, "plan": "export"},
+          reads=("export",), version=2),
     Stage("verify", verify.run, after={"teacher": None, "distill": None, "data": None, "export": None,
-                                       "plan": "student"}, reads=("eval.verify_tokens",)),
+                                       "plan": "student"}, reads=("eval.verify_tokens",), version=2),
     Stage("profile", profile_stage.run, after={"data": None, "export": None},
           reads=("eval.profile_new_tokens", "eval.profile_repeats", "target.budget.prompt_tokens")),
     Stage("budget", budget.run, after={"plan": None, "export": None}, reads=("target",)),
     Stage("report", report.run, after={"teacher": None, "plan": None, "data": None, "init": None, "distill": None,
                                        "export": None, "verify": None, "profile": None, "budget": None},
-          reads=("target",)),
+          reads=("target",), version=2),
 ]

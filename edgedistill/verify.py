@@ -67,10 +67,11 @@ def run(ctx) -> dict:
     seqs = eval_sequences(heldout, ctx.cfg.eval.verify_tokens)
     results = {}
     artifacts = ctx["export"].summary["artifacts"]
+    group_bits = ctx["plan"].summary["student"].get("group_bits") or None
     with task_progress("verify", len(artifacts), ctx.session.progress) as advance:
         for fmt, art in artifacts.items():
             path = ctx["export"].path(art["file"])
-            reference = fake_quant_model_copy(student, fmt).eval()
+            reference = fake_quant_model_copy(student, fmt, group_bits).eval()
             runner = load_runner(path, fmt)
             try:
                 refs, gots = [], []

@@ -201,3 +201,15 @@ def test_a_gguf_teacher_file_is_accepted(tiny_teacher_dir, tmp_path):
               "--out", tmp_path / "o")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "teacher tiny-teacher-q8_0" in res.stderr and "plan for rpi5-8gb" in res.stderr
+
+
+def test_an_impossible_budget_fails_before_any_work_and_names_it(tmp_path, tiny_teacher_dir):
+    profile = (TARGETS_DIR / "wearable-1gb.toml").read_text().replace('name = "wearable-1gb"', 'name = "tiny-disk"')
+    lines = [ln if not ln.startswith("artifact_gb") else "artifact_gb = 1e-6  # test: 1 kB" for ln in profile.splitlines()]
+    custom = tmp_path / "tiny-disk.toml"
+    custom.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o"
+    res = cli("build", "--teacher", tiny_teacher_dir, "--target", custom, "--out", out, "--no-progress")
+    assert res.returncode == 2, res.stderr
+    assert "artifact" in res.stderr and "over by" in res.stderr and "Traceback" not in res.stderr
+    assert not list(out.glob(".stages/*")), "nothing may run before the plan is known to fit"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -170,6 +171,31 @@ def test_fake_quant_parametrization_keeps_ties_and_is_removable(test_format):
 def test_unknown_fake_quant_format_is_a_user_error():
     with pytest.raises(UserError):
         qat.enable_fake_quant(tiny_llama(0, layers=1, hidden=32), "gguf-q3_k")
+    with pytest.raises(UserError, match="6-bit"):
+        qat.enable_fake_quant(tiny_llama(0, layers=1, hidden=32), "gguf-q4_0", {"embed": 6})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_group_bits_give_the_embedding_and_lm_head_their_own_format(tied):
+    model = tiny_llama(3, layers=1, hidden=64, tied=tied)
+    x = torch.randint(0, VOCAB, (2, 9))
+    qat.enable_fake_quant(model, "gguf-q4_0", {"embed": 8})
+    formats = {name: m.parametrizations.weight[0].fmt for name, m in model.named_modules()
+               if torch.nn.utils.parametrize.is_parametrized(m)}
+    assert formats.pop("model.embed_tokens") == formats.pop("lm_head") == "gguf-q8_0"
+    assert len(formats) == 7 and set(formats.values()) == {"gguf-q4_0"}
+    assert qat.fake_quant_format(model) == "gguf-q4_0" and qat.fake_quant_group_bits(model) == {"embed": 8}
+    with torch.no_grad():
+        mixed_logits = model(x).logits
+
+    # the copy the verify stage compares artifacts with computes what the mixed training model does,
+    # and differs from the all-Q4_0 copy
+    with torch.no_grad():
+        copy_logits = qat.fake_quant_model_copy(model, "gguf-q4_0", {"embed": 8})(x).logits
+        plain_logits = qat.fake_quant_model_copy(model, "gguf-q4_0")(x).logits
+    assert torch.allclose(copy_logits, mixed_logits, atol=1e-5)
+    assert not torch.allclose(plain_logits, mixed_logits, atol=1e-3)
+    assert qat.fake_quant_group_bits(model) == {"embed": 8}  # the copies left the setting as it was
 
 
 # ---------------------------------------------------------------- trainer
@@ -252,6 +278,23 @@ def test_resume_matches_an_uninterrupted_run_with_qat(teacher, train_examples, t
     other = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, changed, tmp_path / "b",
                     progress=False, resume=True)
     assert other["resumed_from"] == 0 and other["steps"] == 5
+
+
+def test_resume_keeps_the_qat_group_bits(teacher, train_examples, tmp_path):
+    cfg = TrainConfig(**RESUME, qat_format="gguf-q4_0", qat_group_bits={"embed": 8}, qat_start_step=5)
+    full = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, cfg, tmp_path / "a", progress=False)
+    # the group bits matter: without them training takes another path
+    plain = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples,
+                    TrainConfig(**RESUME, qat_format="gguf-q4_0", qat_start_step=5), tmp_path / "p", progress=False)
+    assert plain["loss_curve"][:5] == full["loss_curve"][:5] and plain["loss_curve"] != full["loss_curve"]
+
+    distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, cfg, tmp_path / "b", progress=False,
+            stop_after=10)
+    meta = json.loads((tmp_path / "b" / "ckpt" / "meta.json").read_text())
+    assert meta["state"]["qat_group_bits"] == {"embed": 8} and meta["state"]["step"] == 8
+    resumed = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, cfg, tmp_path / "b",
+                      progress=False, resume=True)
+    assert resumed["resumed_from"] == 8 and resumed["loss_curve"] == full["loss_curve"]
 
 
 # ---------------------------------------------------------------- quality

@@ -257,6 +257,51 @@ def test_untied_model_writes_a_quantized_output(tokenizer_dir, tmp_path):
     assert top1 >= MIN_TOP1 and kl <= MAX_KL, (top1, kl)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_embed_group_at_8_bits_in_a_q4_0_file(tied, sharp_dir, tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from edgedistill.distill.qat import fake_quant_model_copy
+
+    model_dir = sharp_dir if tied else sharpen(make_tiny_llama(tmp_path / "hf", tokenizer_dir, tied=False, seed=3),
+                                               tmp_path / "sharp")
+    path = tmp_path / "mixed.gguf"
+    export_gguf(model_dir, path, "gguf-q4_0", group_bits={"embed": 8})
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    embed = {"token_embd.weight"} if tied else {"token_embd.weight", "output.weight"}
+    assert {n for n, t in types.items() if t == gguf.GGMLQuantizationType.Q8_0} == embed
+    assert {t for n, t in types.items() if n not in embed and not n.endswith("norm.weight")} == {QTYPE["gguf-q4_0"]}
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference = fake_quant_model_copy(model, "gguf-q4_0", {"embed": 8})
+    want = reference.state_dict()
+    deq = dequantize_gguf_tensors(reader)
+    assert set(deq) == set(want) - ({"lm_head.weight"} if tied else set())
+    for name, w in deq.items():
+        np.testing.assert_array_equal(w, want[name].numpy(), err_msg=name)
+
+    runner = load_runner(path, "gguf-q4_0")
+    try:
+        got = runner.logits(IDS)
+    finally:
+        runner.close()
+    with torch.no_grad():
+        ref_logits = reference(torch.tensor([IDS])).logits[0].numpy()
+    top1, kl = parity(ref_logits, got)
+    assert top1 >= MIN_TOP1 and kl <= MAX_KL, (top1, kl)
+    # the bound can fail: the all-Q4_0 model is measurably further from the mixed file
+    top1_q4, kl_q4 = parity(hf_logits(model_dir, IDS, "gguf-q4_0"), got)
+    assert kl_q4 > MAX_KL and top1_q4 < top1, (top1_q4, kl_q4)
+
+
+def test_group_bits_the_runtime_cannot_store_are_refused(sharp_dir, tmp_path):
+    with pytest.raises(UserError, match="16-bit"):
+        export_gguf(sharp_dir, tmp_path / "x.gguf", "gguf-q4_0", group_bits={"attn": 16})
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def teacher_tokenizer() -> dict:
     return tokenizer_fields(gguf.GGUFReader(smollm2_gguf_path()))

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgedistill.plan import student_config
-from edgedistill.prune import build_student, layer_map
+from edgedistill.prune import build_student, calibrate, layer_map, sliced
 
 
 def _student_cfg(teacher, **shape):
@@ -48,3 +48,46 @@ def test_cut_student_is_valid_gqa_and_reloads(tiny_teacher_dir, tmp_path):
     # the student's weights really are slices of the teacher's, not a fresh init
     emb_t, emb_s = teacher.model.embed_tokens.weight, student.model.embed_tokens.weight
     assert all(any(torch.equal(emb_s[:, j], emb_t[:, i]) for i in range(emb_t.shape[1])) for j in range(4))
+
+
+def _calibration(teacher, n=4, length=24):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, teacher.config.vocab_size, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def test_full_shape_with_measured_importance_is_still_the_teacher(tiny_teacher_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    imp = calibrate(teacher, _calibration(teacher))
+    assert imp.hidden.shape == (64,) and imp.layers.shape == (4,) and imp.heads[0].shape == (4,)
+    student, _ = build_student(teacher, _student_cfg(teacher), imp)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(teacher(ids).logits, student(ids).logits)
+
+
+def test_importance_picks_whole_gqa_groups_and_the_strongest_units(tiny_teacher_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    imp = calibrate(teacher, _calibration(teacher))
+    # make the second kv group (heads 2, 3) and, inside it, head 3 the important ones in every layer
+    for h in imp.heads:
+        h.copy_(torch.tensor([0.1, 0.2, 0.3, 5.0]))
+    imp.layers.copy_(torch.tensor([0.0, 9.0, 0.1, 0.0]))
+    cfg = _student_cfg(teacher, layers=3, hidden=32, intermediate=64, heads=1, kv_heads=1)
+    student, info = build_student(teacher, cfg, imp)
+    assert info["layer_map"] == [0, 1, 3]  # first and last always, then the layer that changes its input most
+    hd = teacher.config.head_dim
+    hid = torch.sort(torch.topk(imp.hidden, 32).indices).values
+    for i, ti in enumerate(info["layer_map"]):
+        t_attn, s_attn = teacher.model.layers[ti].self_attn, student.model.layers[i].self_attn
+        assert torch.equal(s_attn.k_proj.weight, t_attn.k_proj.weight[hd:2 * hd][:, hid])  # kv group 1
+        assert torch.equal(s_attn.q_proj.weight, t_attn.q_proj.weight[3 * hd:4 * hd][:, hid])  # its head 3
+        assert torch.equal(s_attn.o_proj.weight, t_attn.o_proj.weight[hid][:, 3 * hd:4 * hd])
+
+
+def test_sliced_baseline_keeps_the_first_units_and_evenly_spaced_layers(tiny_teacher_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    student, info = build_student(teacher, _student_cfg(teacher, layers=2, hidden=32, intermediate=64, heads=2,
+                                                        kv_heads=1), sliced(teacher.config))
+    assert info["layer_map"] == [0, 3]
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, :32])
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight[:64, :32])

@@ -24,7 +24,7 @@ from rich.text import Text
 from torch.utils.data import DataLoader, TensorDataset
 
 from edgedistill.distill.losses import kd_loss
-from edgedistill.distill.qat import disable_fake_quant, enable_fake_quant, fake_quant_format
+from edgedistill.distill.qat import disable_fake_quant, enable_fake_quant, fake_quant_format, fake_quant_group_bits
 from edgedistill.errors import UserError
 
 
@@ -40,6 +40,7 @@ class TrainConfig:
     temperature: float = 2.0
     alpha: float = 0.7
     qat_format: str | None = None
+    qat_group_bits: dict | None = None  # wider formats per tensor group, e.g. {"embed": 8}
     qat_start_step: int = 0
     checkpoint_every: int = 50
     grad_clip: float = 1.0
@@ -146,8 +147,8 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Checkpoints hold the plain float master weights under their usual names; the fake-quant
-    # parametrizations are recreated from meta["qat"] on resume.
-    fmt = fake_quant_format(model)
+    # parametrizations are recreated from the state's "qat" and "qat_group_bits" on resume.
+    fmt, group_bits = fake_quant_format(model), fake_quant_group_bits(model)
     disable_fake_quant(model)
     # accelerate warns that it drops a tied lm_head.weight from the safetensors file; loading
     # embed_tokens.weight back into the one shared Parameter restores both, so the warning is noise.
@@ -159,7 +160,7 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
     finally:
         other.setLevel(level)
     if fmt is not None:
-        enable_fake_quant(model, fmt)
+        enable_fake_quant(model, fmt, group_bits)
     if accelerator.is_main_process:
         (tmp / "meta.json").write_text(json.dumps(meta))
         if final.exists():
@@ -200,7 +201,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     model = accelerator.unwrap_model(student)
 
     # ---- resume: weights, optimizer moments and RNG states come back with load_state
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "qat": None}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "qat": None, "qat_group_bits": None}
     ckpt = _latest_checkpoint(workdir) if resume else None
     if ckpt is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
@@ -208,7 +209,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             accelerator.load_state(str(ckpt))
             state = meta["state"]
             if state["qat"]:
-                enable_fake_quant(model, state["qat"])
+                enable_fake_quant(model, state["qat"], state["qat_group_bits"])
         else:
             accelerator.print(f"checkpoint {ckpt} is from a different run (config or data); starting over")
 
@@ -221,8 +222,8 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
         for step in range(state["step"], last):
             if cfg.qat_format and step >= cfg.qat_start_step and not state["qat"]:
-                enable_fake_quant(model, cfg.qat_format)
-                state["qat"] = cfg.qat_format
+                enable_fake_quant(model, cfg.qat_format, cfg.qat_group_bits)
+                state["qat"], state["qat_group_bits"] = cfg.qat_format, cfg.qat_group_bits
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -21,6 +21,8 @@ import gguf
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.export import load_float_weights
+from edgedistill.formats import TENSOR_GROUPS, tensor_format, tensor_group
 
 QUANT_TYPES = {"gguf-q4_0": gguf.GGMLQuantizationType.Q4_0, "gguf-q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"gguf-q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "gguf-q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -44,8 +46,11 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: Path | None = None,
-                fake_quant_state: dict | None = None) -> None:
+                fake_quant_state: dict | None = None, group_bits: dict | None = None) -> None:
     """Write `student_dir` (an HF Llama folder) to `out_file` in `fmt` ("gguf-q4_0" | "gguf-q8_0").
+
+    `group_bits`: wider formats per tensor group (e.g. {"embed": 8}: token_embd and output in Q8_0),
+    see edgedistill.formats.tensor_format. The file type stays fmt's, as llama.cpp's own mixes do.
 
     `tokenizer_gguf`: a GGUF file whose tokenizer metadata is copied verbatim (the teacher's, when the
     teacher came as GGUF); otherwise the metadata is built from the HF tokenizer files.
@@ -61,7 +66,9 @@ def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: 
     if cfg.get("model_type") != "llama":
         raise UserError(f"{student_dir}: GGUF export supports Llama students, got model_type {cfg.get('model_type')!r}")
 
-    weights = _load_weights(student_dir)  # first: a missing checkpoint fails before the tokenizer work
+    # every group's type up front: an impossible group_bits fails before any work
+    qtypes = {g: QUANT_TYPES[tensor_format(fmt, g, group_bits)] for g in TENSOR_GROUPS}
+    weights = load_float_weights(student_dir)  # first: a missing checkpoint fails before the tokenizer work
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, cfg, student_dir.resolve().name, fmt)
@@ -69,7 +76,7 @@ def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: 
         _copy_tokenizer(writer, Path(tokenizer_gguf))
     else:
         _hf_tokenizer(writer, student_dir, cfg["vocab_size"])
-    for name, data, qtype in _gguf_tensors(weights, cfg, QUANT_TYPES[fmt], student_dir):
+    for name, data, qtype in _gguf_tensors(weights, cfg, qtypes, student_dir):
         writer.add_tensor(name, data, raw_dtype=qtype)
 
     partial = out_file.with_suffix(".gguf.partial")
@@ -125,23 +132,12 @@ def _hf_to_gguf_names(n_blocks: int) -> dict[str, str]:
     return {f"{n}{s}": f"{tmap.get_name(n)}{s}" for n in names for s in (".weight", ".bias")}
 
 
-def _load_weights(student_dir: Path) -> dict[str, np.ndarray]:
-    # torch reads bf16/fp16 checkpoints that numpy cannot; quantization works on float32
-    from safetensors import safe_open
+def _gguf_tensors(weights: dict[str, np.ndarray], cfg: dict, qtypes: dict[str, gguf.GGMLQuantizationType],
+                  student_dir: Path):
+    """Yield (gguf name, data, raw dtype) for every tensor the file holds, in llama.cpp's layout.
 
-    files = sorted(student_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{student_dir}: no *.safetensors weights (save the student with save_pretrained)")
-    weights = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                weights[k] = st.get_tensor(k).float().numpy()
-    return weights
-
-
-def _gguf_tensors(weights: dict[str, np.ndarray], cfg: dict, qtype: gguf.GGMLQuantizationType, student_dir: Path):
-    """Yield (gguf name, data, raw dtype) for every tensor the file holds, in llama.cpp's layout."""
+    qtypes: the quantization type of each tensor group (edgedistill.formats.tensor_group).
+    """
     n_head = cfg["num_attention_heads"]
     n_head_kv = cfg.get("num_key_value_heads") or n_head
     names = _hf_to_gguf_names(cfg["num_hidden_layers"])
@@ -157,6 +153,7 @@ def _gguf_tensors(weights: dict[str, np.ndarray], cfg: dict, qtype: gguf.GGMLQua
         elif ".self_attn.k_proj." in hf:
             w = permute_qk(w, n_head_kv)
         if w.ndim == 2:
+            qtype = qtypes[tensor_group(hf)]
             if w.shape[1] % 32:
                 raise UserError(f"{hf}: input dim {w.shape[1]} is not a multiple of 32, so it cannot be "
                                 f"quantized to {qtype.name}")

@@ -12,7 +12,11 @@ edgedistill.distill.qat_onnx mirrors:
   differs from MLAS in the last code now and then, so the builder is told to leave it and it is
   quantized here with MLAS.
 
-edgedistill_onnx.json in the folder records the format and the settings (accuracy_level included).
+A tensor group given more bits than the format (group_bits, e.g. {"embed": 8}) is re-quantized
+afterwards, with the same MLAS rule, from the student's float weights: see `_requantize_groups`.
+
+edgedistill_onnx.json in the folder records the format and the settings (accuracy_level and
+group_bits included).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.export import load_float_weights
+from edgedistill.formats import TENSOR_GROUPS, tensor_format, tensor_group
 
 BITS = {"onnx-int4": 4, "onnx-int8": 8}
 INFO_FILE = "edgedistill_onnx.json"
@@ -51,8 +57,13 @@ ACCURACY_LEVEL_WHY = {
 
 
 def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int = 32,
-                fake_quant_state: dict | None = None, accuracy_level: int = ACCURACY_LEVEL) -> None:
-    """Build the `fmt` ("onnx-int4" | "onnx-int8") folder for the HF Llama folder student_dir."""
+                fake_quant_state: dict | None = None, accuracy_level: int = ACCURACY_LEVEL,
+                group_bits: dict | None = None) -> None:
+    """Build the `fmt` ("onnx-int4" | "onnx-int8") folder for the HF Llama folder student_dir.
+
+    `group_bits`: wider formats per tensor group (e.g. {"embed": 8}: the embedding and lm_head as
+    8-bit blocks in an INT4 folder), see edgedistill.formats.tensor_format.
+    """
     if fmt not in BITS:
         raise UserError(f"not an ONNX format: {fmt!r}; known: {', '.join(BITS)}")
     if fake_quant_state is not None:
@@ -63,16 +74,20 @@ def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int =
     cfg = json.loads((student_dir / "config.json").read_text())
     _check_blockable(cfg, block_size)
     bits, tied = BITS[fmt], bool(cfg.get("tie_word_embeddings", False))
+    bits_by_group = {g: BITS[tensor_format(fmt, g, group_bits)] for g in TENSOR_GROUPS}
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         _run_builder(student_dir, partial, bits, block_size, accuracy_level, tied)
         _quantize_embedding(partial / MODEL_FILE, bits, block_size, tied)
+        if any(b != bits for b in bits_by_group.values()):
+            _requantize_groups(partial, student_dir, bits_by_group, block_size, tied)
         info = {
             "format": fmt, "bits": bits, "block_size": block_size, "symmetric": True,
             "accuracy_level": accuracy_level, "accuracy_level_means": ACCURACY_LEVEL_WHY[accuracy_level],
             "tied_embeddings": tied, "quantized": "every decoder linear, the token embedding and the lm_head",
+            "group_bits": group_bits or {}, "bits_by_group": bits_by_group,
             "builder": _versions(),
         }
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -173,11 +188,80 @@ def _quantize_embedding(model_path: Path, bits: int, block_size: int, tied: bool
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.remove(inits[emb_name])
+    _save(model, model_path)
+
+
+def _save(model, model_path: Path) -> None:
+    import onnx
+
     data = model_path.with_name(model_path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save(model, model_path, save_as_external_data=True, all_tensors_to_one_file=True,
               location=data.name, size_threshold=1024)
     shutil.copymode(model_path, data)  # onnx creates it owner-only; match the builder's files
+
+
+def _requantize_groups(folder: Path, student_dir: Path, bits_by_group: dict[str, int], block_size: int,
+                       tied: bool) -> None:
+    """Re-quantize, from the student's float weights, every matrix whose group wants other bits.
+
+    MLAS quantizes each row of an [out, in] matrix on its own, so a fused qkv_proj (q, k, v stacked
+    along out) re-quantized from its stacked float parts holds exactly each part's own codes: every
+    group, fused or not, is the fake-quant of its HF tensors. A tied embedding reads the lm_head's
+    codes and scales through a Reshape, so only that Reshape's target shape changes for it.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model_path = folder / MODEL_FILE
+    model = onnx.load(model_path)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    reshapes = {n.output[0]: n for n in graph.node if n.op_type == "Reshape"}
+    dims = _attention_dims(folder)
+    weights = load_float_weights(student_dir)
+    if tied:
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+
+    def put(name: str, array: np.ndarray) -> None:
+        if name in inits:
+            inits[name].CopyFrom(numpy_helper.from_array(array, name))
+        else:
+            inits[name] = numpy_helper.from_array(array, name)
+            graph.initializer.append(inits[name])
+
+    for node in graph.node:
+        a = _attrs(node)
+        if node.op_type == "MatMulNBits":
+            rows = _hf_rows(node.name, a["N"], dims)
+            if rows is None:
+                raise ValueError(f"{node.name}: cannot tell which HF weights (and tensor group) it holds")
+            bits = bits_by_group[tensor_group(rows[0][0])]
+            if bits != a["bits"]:
+                w = np.concatenate([weights[name] for name, _ in rows])
+                packed, scales = mlas_quantize(w, bits, block_size)
+                put(node.input[1], packed)
+                put(node.input[2], scales.reshape(inits[node.input[2]].dims))
+                _set_bits(node, bits)
+        elif node.op_type == "GatherBlockQuantized":
+            bits = bits_by_group["embed"]
+            if bits == a["bits"]:
+                continue
+            reshape = reshapes.get(node.input[0])
+            if reshape is not None:  # tied: the codes are the lm_head's, re-quantized above or below
+                vocab, hidden = weights["model.embed_tokens.weight"].shape
+                reshape.input[1] = f"{reshape.input[0]}/flat_shape"
+                put(reshape.input[1], np.array([vocab, hidden * bits // 8], np.int64))
+            else:
+                packed, scales = mlas_quantize(weights["model.embed_tokens.weight"], bits, block_size)
+                put(node.input[0], packed.reshape(packed.shape[0], -1))
+                put(node.input[2], scales)
+            _set_bits(node, bits)
+    _save(model, model_path)
+
+
+def _set_bits(node, bits: int) -> None:
+    next(a for a in node.attribute if a.name == "bits").i = bits
 
 
 def mlas_quantize(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,23 +382,33 @@ def _attention_dims(out_dir: Path) -> dict:
     return {"q": dec["num_attention_heads"] * dec["head_size"], "kv": dec["num_key_value_heads"] * dec["head_size"]}
 
 
-def _hf_names(node_name: str, init_name: str, w: np.ndarray, dims: dict) -> dict[str, np.ndarray]:
-    # Builder node names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q8.
+def _hf_rows(node_name: str, rows: int, dims: dict) -> list[tuple[str, int]] | None:
+    """The HF weights a builder MatMulNBits node holds, stacked along its N rows: (name, rows) each.
+
+    Builder node names look like /model/layers.3/attn/qkv_proj/MatMul_Q4 and /lm_head/MatMul_Q8.
+    None for a node that cannot be named.
+    """
     parts = node_name.strip("/").split("/")
     if parts[0] == "lm_head":
-        return {"lm_head.weight": w}
+        return [("lm_head.weight", rows)]
     if len(parts) >= 4 and parts[0] == "model" and parts[1].startswith("layers."):
         prefix = f"model.{parts[1]}"
         block, proj = parts[2], parts[3]
         if block == "attn" and proj == "qkv_proj":
             q, kv = dims["q"], dims["kv"]
-            return {f"{prefix}.self_attn.q_proj.weight": w[:q], f"{prefix}.self_attn.k_proj.weight": w[q: q + kv],
-                    f"{prefix}.self_attn.v_proj.weight": w[q + kv:]}
+            return [(f"{prefix}.self_attn.{p}_proj.weight", n) for p, n in (("q", q), ("k", kv), ("v", kv))]
         if block == "attn":
-            return {f"{prefix}.self_attn.{proj}.weight": w}
+            return [(f"{prefix}.self_attn.{proj}.weight", rows)]
         if block == "mlp" and proj == "gate_up_proj":
-            half = w.shape[0] // 2
-            return {f"{prefix}.mlp.gate_proj.weight": w[:half], f"{prefix}.mlp.up_proj.weight": w[half:]}
+            return [(f"{prefix}.mlp.gate_proj.weight", rows // 2), (f"{prefix}.mlp.up_proj.weight", rows // 2)]
         if block == "mlp":
-            return {f"{prefix}.mlp.{proj}.weight": w}
-    return {init_name: w}
+            return [(f"{prefix}.mlp.{proj}.weight", rows)]
+    return None
+
+
+def _hf_names(node_name: str, init_name: str, w: np.ndarray, dims: dict) -> dict[str, np.ndarray]:
+    rows = _hf_rows(node_name, w.shape[0], dims)
+    if rows is None:
+        return {init_name: w}
+    ends = np.cumsum([n for _, n in rows])
+    return {name: part for (name, _), part in zip(rows, np.split(w, ends[:-1]))}

@@ -19,15 +19,18 @@ def run(ctx) -> dict:
     student_dir = ctx["distill"].path("student")
     tokenizer_gguf = ctx["teacher"].summary.get("tokenizer_gguf")
     artifacts = {}
-    formats = ctx["plan"].summary["formats"]
+    formats = ctx["plan"].summary["export"]["formats"]
+    # wider formats per tensor group (edgedistill.formats.tensor_format), the same for every artifact
+    group_bits = ctx["plan"].summary["export"]["group_bits"] or None
     with task_progress("export", len(formats), ctx.session.progress) as advance:
         for name in formats:
             fmt = FORMATS[name]
             out = ctx.dir / fmt.artifact_name
             if fmt.runtime == "llamacpp":
-                export_gguf(student_dir, out, name, tokenizer_gguf=Path(tokenizer_gguf) if tokenizer_gguf else None)
+                export_gguf(student_dir, out, name, tokenizer_gguf=Path(tokenizer_gguf) if tokenizer_gguf else None,
+                            group_bits=group_bits)
             else:
-                export_onnx(student_dir, out, name, block_size=ctx.cfg.export.onnx_block_size)
-            artifacts[name] = {"file": fmt.artifact_name, "bytes": artifact_bytes(out)}
+                export_onnx(student_dir, out, name, block_size=ctx.cfg.export.onnx_block_size, group_bits=group_bits)
+            artifacts[name] = {"file": fmt.artifact_name, "bytes": artifact_bytes(out), "group_bits": group_bits or {}}
             advance()
     return {"artifacts": artifacts}

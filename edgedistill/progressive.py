@@ -1,0 +1,66 @@
+"""Progressive compression: reach a large ratio through intermediate students, each teaching the next.
+
+One cut from the teacher straight to a much smaller student throws away more than a short
+distillation wins back. Cutting in steps (2x each, say: the 175B -> 30B -> 7B -> 1B pattern scaled
+down) keeps every cut small, and each intermediate is distilled against the model it was cut from
+before it is cut again. The plan chooses the chain of shapes; this module walks it for the init
+stage. The whole build spends the same distillation steps as a one-cut build: they are shared
+evenly by the intermediates and the final distill stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgedistill.distill.trainer import distill
+from edgedistill.errors import UserError
+from edgedistill.measure.quality import evaluate, teacher_targets
+from edgedistill.prune import cut
+
+
+def split_steps(total: int, stages: int) -> list[int]:
+    """`total` distillation steps shared evenly by `stages` stages; the last stages take the remainder."""
+    if total < stages:
+        raise UserError(f"a progressive build of {stages} stages needs at least {stages} distill steps, "
+                        f"one per stage (got {total})")
+    share, extra = divmod(total, stages)
+    return [share + (i >= stages - extra) for i in range(stages)]
+
+
+def _describe(shape: dict) -> str:
+    return (f"{shape['layers']} layers x {shape['hidden']} (inter {shape['intermediate']}, "
+            f"heads {shape['heads']}/{shape['kv_heads']})")
+
+
+def run_chain(teacher, chain: list[dict], *, cfg, calib: list[list[int]], train: list[dict], heldout: list[dict],
+              context: int, workdir: Path, resume: bool = False, progress: bool = True, say=print):
+    """Prune and distill through the intermediate shapes of `chain`, largest first.
+
+    `cfg` is the build config (its distill section and seed). Returns the last intermediate
+    student (the final stage's teacher), the original-teacher layer each of its layers comes from,
+    and per-stage figures. Every stage is scored against the original teacher, so the figures of
+    all stages compare with each other and with the final student's.
+    """
+    from edgedistill.distill.stage import train_config  # that module imports this one
+
+    targets = teacher_targets(teacher, heldout)
+    shares = split_steps(cfg.distill.steps, len(chain) + 1)
+    current, to_teacher, stages = teacher, list(range(teacher.config.num_hidden_layers)), []
+    for i, (shape, steps) in enumerate(zip(chain, shares), 1):
+        say(f"  progressive stage {i} of {len(chain) + 1}: prune to {_describe(shape)}, distill {steps} steps")
+        student, info = cut(current, shape, context, calib)
+        # No fake-quant: intermediates are never shipped. A seed per stage gives each stage its own
+        # shuffle of the data rather than the same first rows again. The folder name starts with
+        # "ckpt" so the pipeline keeps it for --resume and drops it once the stage is done.
+        result = distill(student, current, train, train_config(cfg.distill, steps, None, cfg.seed + i),
+                         Path(workdir) / f"ckpt-progressive-{i}", resume=resume, progress=progress)
+        to_teacher = [to_teacher[j] for j in info["layer_map"]]
+        quality = evaluate(student, targets, heldout)
+        stages.append({"shape": shape, "params": sum(p.numel() for p in student.parameters()),
+                       "steps": result["steps"], "tokens": result["tokens"], "quality": quality,
+                       "layer_map": to_teacher})
+        if quality["tokens"]:
+            say(f"    vs the teacher: top-1 agreement {quality['top1_agreement']:.1%}, "
+                f"KL {quality['kl']:.3g}, perplexity {quality['perplexity']:.3g}")
+        current = student
+    return current, to_teacher, stages
