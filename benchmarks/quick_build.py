@@ -48,7 +48,8 @@ def main() -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     cmd = ["edgedistill", "build", "--target", args.target, "--out", str(args.out), "--no-progress"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd)
+    # the console script of the interpreter running this file, whether or not its venv is activated
+    proc = subprocess.run([sys.executable, "-m", "edgedistill.cli", *cmd[1:]])
     wall = time.perf_counter() - t0
     report = json.loads((args.out / args.target / "report.json").read_text())
     result = {

@@ -44,7 +44,8 @@ def build(
     context: Optional[int] = typer.Option(None, help="context length (default: the target's)"),
     progressive: Optional[bool] = typer.Option(
         None, "--progressive/--no-progressive",
-        help="prune and distill in stages of plan.progressive_ratio (2x), each student teaching the next"),
+        help="prune and distill in stages (see --progressive-ratio), each student teaching the next"),
+    progressive_ratio: Optional[float] = typer.Option(None, help="compression per progressive stage (default 2)"),
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
     temperature: Optional[float] = typer.Option(None, help="KD temperature tau (> 0)"),
     alpha: Optional[float] = typer.Option(None, help="weight of the KD term vs cross-entropy, in [0, 1]"),
@@ -66,7 +67,7 @@ def build(
         "preset": preset, "seed": seed, "teacher_bits": teacher_bits,
         "trust_remote_code": trust_remote_code or None,
         "plan": {"compression": compression, "student": _student_shape(student), "context": context,
-                 "progressive": progressive},
+                 "progressive": progressive, "progressive_ratio": progressive_ratio},
         "distill": {"steps": steps, "temperature": temperature, "alpha": alpha},
         "data": {"prompts": [str(p) for p in prompts] if prompts else None},
     })

@@ -202,10 +202,10 @@ def test_cli_flag_and_config_fields(monkeypatch):
 
     seen = []
     monkeypatch.setattr("edgedistill.build.build", lambda cfg, **kw: seen.append(cfg) or 0)
-    for args in (["--progressive"], ["--no-progressive"], []):
+    for args in (["--progressive"], ["--no-progressive"], [], ["--progressive", "--progressive-ratio", "3"]):
         res = CliRunner().invoke(cli.app, ["build", *args])
         assert res.exit_code == 0, res.output
-    assert [c.plan.progressive for c in seen] == [True, False, False]
-    assert seen[0].plan.progressive_ratio == 2.0
+    assert [c.plan.progressive for c in seen] == [True, False, False, True]
+    assert seen[0].plan.progressive_ratio == 2.0 and seen[3].plan.progressive_ratio == 3.0
     with pytest.raises(UserError, match="progressive_ratio"):
         resolve({"plan": {"progressive_ratio": 1.0}})
