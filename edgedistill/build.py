@@ -15,7 +15,7 @@ from edgedistill.config import BuildConfig, dump_toml
 from edgedistill.data.prompts import load_user_file
 from edgedistill.errors import UserError
 from edgedistill.pipeline import Record, Session, _digest, _load_record, publish, run_target, stage_key, stages_root
-from edgedistill.plan import solve
+from edgedistill.plan import describe, solve
 from edgedistill.targets import TargetProfile, load_target
 
 CONFIG_FILE = "build-config.toml"
@@ -55,11 +55,6 @@ def _groups(plan: dict) -> str:
     return "".join(f" ({g} at {b} bits)" for g, b in bits.items())
 
 
-def _shape_line(s: dict) -> str:
-    return (f"{s['layers']} layers x {s['hidden']} (inter {s['intermediate']}, heads {s['heads']}/{s['kv_heads']})"
-            + (f": {s['params'] / 1e6:.1f}M params" if "params" in s else ""))
-
-
 def plan_all(cfg: BuildConfig, targets: list[TargetProfile]) -> tuple[dict, list[dict]]:
     """Every target's plan before any work, so an impossible budget fails at once (exit 2), not after training."""
     from edgedistill.progressive import split_steps
@@ -83,9 +78,9 @@ def dry_run(cfg: BuildConfig, targets: list[TargetProfile], console: Console) ->
         if not plan["fits"]:
             console.print("  [yellow]warning:[/yellow] this shape misses a budget above; the build would fail its verdict")
         for r in plan["runners_up"]:
-            console.print(f"  runner-up: {_shape_line(r)}")
+            console.print(f"  runner-up: {describe(r)}")
         for i, s in enumerate(plan["progressive"], 1):
-            console.print(f"  progressive stage {i}: {_shape_line(s)}, then prune to the plan above")
+            console.print(f"  progressive stage {i}: {describe(s)}, then prune to the plan above")
         console.print("  formats: " + ", ".join(target.formats) + f"  (trained for {target.primary_format})")
         states = _probe(STAGES, session, target, plan)
         console.print("  stages: " + ", ".join(f"{n} ({s})" for n, s in states), markup=False)

@@ -70,6 +70,13 @@ class Shape:
                 and self.kv_heads <= other.kv_heads and self.heads // self.kv_heads <= other.heads // other.kv_heads)
 
 
+def describe(shape: dict) -> str:
+    """One line for a shape dict (a plan's, a runner-up's, a progressive stage's); params when it has them."""
+    return (f"{shape['layers']} layers x {shape['hidden']} (inter {shape['intermediate']}, "
+            f"heads {shape['heads']}/{shape['kv_heads']})"
+            + (f": {shape['params'] / 1e6:.1f}M params" if "params" in shape else ""))
+
+
 def teacher_shape(cfg: dict) -> Shape:
     heads = cfg["num_attention_heads"]
     return Shape(
@@ -307,12 +314,12 @@ def progressive_chain(t: Shape, final: Shape, ratio: float) -> list[dict]:
     stages = max(1, math.ceil(math.log(t.params() / final.params() / 1.05) / math.log(ratio)))
     dims = ("layers", "hidden", "intermediate", "kv_heads")
     chain, prev = [], t
+    nested = [s for s in candidates(t, final.layers) if final.fits_inside(s) and final.params() < s.params()]
     for i in range(1, stages):
         f = i / stages
         goal = {d: getattr(t, d) ** (1 - f) * getattr(final, d) ** f for d in dims}
         goal["params"] = t.params() ** (1 - f) * final.params() ** f
-        options = [s for s in candidates(t, final.layers) if final.fits_inside(s) and s.fits_inside(prev)
-                   and final.params() < s.params() < prev.params()]
+        options = [s for s in nested if s.fits_inside(prev) and s.params() < prev.params()]
         if not options:
             break
 
@@ -371,6 +378,5 @@ def summary(plan: dict) -> dict:
     """What later stages key on: the student (shared by targets with the same plan) and the artifacts."""
     return {"student": {"shape": plan["shape"], "context": plan["context"], "qat_format": plan["format"],
                         "group_bits": plan["group_bits"], "progressive": plan["progressive"]},
-            "formats": plan["formats"],
             "export": {"formats": plan["formats"], "group_bits": plan["group_bits"]},
             "plan": plan}

@@ -15,6 +15,7 @@ from pathlib import Path
 from edgedistill.distill.trainer import distill
 from edgedistill.errors import UserError
 from edgedistill.measure.quality import evaluate, teacher_targets
+from edgedistill.plan import describe
 from edgedistill.prune import cut
 
 
@@ -25,11 +26,6 @@ def split_steps(total: int, stages: int) -> list[int]:
                         f"one per stage (got {total})")
     share, extra = divmod(total, stages)
     return [share + (i >= stages - extra) for i in range(stages)]
-
-
-def _describe(shape: dict) -> str:
-    return (f"{shape['layers']} layers x {shape['hidden']} (inter {shape['intermediate']}, "
-            f"heads {shape['heads']}/{shape['kv_heads']})")
 
 
 def run_chain(teacher, chain: list[dict], *, cfg, calib: list[list[int]], train: list[dict], heldout: list[dict],
@@ -47,7 +43,7 @@ def run_chain(teacher, chain: list[dict], *, cfg, calib: list[list[int]], train:
     shares = split_steps(cfg.distill.steps, len(chain) + 1)
     current, to_teacher, stages = teacher, list(range(teacher.config.num_hidden_layers)), []
     for i, (shape, steps) in enumerate(zip(chain, shares), 1):
-        say(f"  progressive stage {i} of {len(chain) + 1}: prune to {_describe(shape)}, distill {steps} steps")
+        say(f"  progressive stage {i} of {len(chain) + 1}: prune to {describe(shape)}, distill {steps} steps")
         student, info = cut(current, shape, context, calib)
         # No fake-quant: intermediates are never shipped. A seed per stage gives each stage its own
         # shuffle of the data rather than the same first rows again. The folder name starts with

@@ -244,14 +244,15 @@ def run(ctx) -> dict:
     teacher, tok = ctx.session.teacher(ctx["teacher"])
     plan = ctx["plan"].summary["student"]
     n = ctx.cfg.plan.calibration_examples
-    calib = [ex["input_ids"] for ex in read_jsonl(ctx["data"].path("train_tokens.jsonl"))[:n]]
+    train = read_jsonl(ctx["data"].path("train_tokens.jsonl"))
+    calib = [ex["input_ids"] for ex in train[:n]]
     chain = plan["progressive"]
     source, source_layers, stages = teacher, list(range(teacher.config.num_hidden_layers)), []
     if chain:
         cfg = ctx.cfg
         source, source_layers, stages = progressive.run_chain(
             teacher, chain, cfg=cfg, calib=calib, context=plan["context"],
-            train=read_jsonl(ctx["data"].path("train_tokens.jsonl")),
+            train=train,
             heldout=read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples],
             workdir=ctx.dir, resume=ctx.session.resume, progress=ctx.session.progress, say=ctx.console.print)
         _save(source, tok, ctx.dir / "assistant")
