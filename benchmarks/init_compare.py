@@ -56,7 +56,7 @@ def main() -> None:
     from edgedistill import config as cfgmod
     from edgedistill.build import _quiet_libraries
     from edgedistill.data.teacher_answers import read_jsonl
-    from edgedistill.distill.stage import train_config
+    from edgedistill.distill.stage import qat_spec, train_config
     from edgedistill.distill.trainer import distill
     from edgedistill.measure.profile import host_info
     from edgedistill.measure.quality import evaluate, teacher_targets
@@ -82,7 +82,7 @@ def main() -> None:
     progressive_shapes = solve(records["teacher"].summary, target,
                                cfg.plan.model_copy(update={"progressive": True}))["progressive"]
     d = cfg.distill
-    qat = (student_plan["qat_format"], student_plan.get("group_bits") or None) if d.qat else (None, None)
+    qat = qat_spec(cfg, student_plan)
 
     rows = []
     for init in args.inits:
@@ -99,7 +99,7 @@ def main() -> None:
         else:
             student = _student(teacher, shape, context, calib, init)
         step0 = evaluate(student, targets, heldout)
-        result = distill(student, coach, train, train_config(d, steps, qat[0], cfg.seed, qat[1]), work,
+        result = distill(student, coach, train, train_config(d, steps, qat, cfg.seed), work,
                          progress=False)
         after = evaluate(student, targets, heldout)
         tokens = result["tokens"] + sum(s["tokens"] for s in stages)

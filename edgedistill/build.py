@@ -125,7 +125,7 @@ def _quiet_libraries() -> None:
 
 def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress: bool = True,
           console: Console | None = None) -> int:
-    """Exit code: 0 every budget met, 1 a budget failed (artifacts and report kept)."""
+    """Exit code: 0 every check met, 1 a budget or parity check failed (artifacts and report kept)."""
     console = console or Console(stderr=True)
     _quiet_libraries()
     targets = [load_target(t) for t in cfg.targets]

@@ -49,6 +49,16 @@ def build(
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
     temperature: Optional[float] = typer.Option(None, help="KD temperature tau (> 0)"),
     alpha: Optional[float] = typer.Option(None, help="weight of the KD term vs cross-entropy, in [0, 1]"),
+    qat_activations: Optional[bool] = typer.Option(
+        None, "--qat-activations/--no-qat-activations",
+        help="QAT also models the runtime's int8 rounding of matmul inputs (default on)"),
+    learn_scales: Optional[bool] = typer.Option(
+        None, "--learn-scales/--no-learn-scales", help="LSQ: train each block's scale; the artifacts store the learned ones"),
+    onnx_block_size: Optional[int] = typer.Option(None, help="ONNX weights per scale: 16, 32, 64 or 128 (default 32)"),
+    onnx_asymmetric: Optional[bool] = typer.Option(
+        None, "--onnx-asymmetric/--onnx-symmetric", help="ONNX: store a zero point per block (default symmetric)"),
+    onnx_int8_per_channel: Optional[bool] = typer.Option(
+        None, "--onnx-int8-per-channel/--onnx-int8-blockwise", help="ONNX INT8: one scale per output channel"),
     prompts: List[Path] = typer.Option(None, "--prompts", help="extra prompts or text (.jsonl or .txt); repeatable"),
     teacher_bits: Optional[int] = typer.Option(None, help="load the teacher in 8 or 4 bits (bitsandbytes)"),
     trust_remote_code: bool = typer.Option(False, help="allow the teacher's own Python code (off by default)"),
@@ -68,7 +78,11 @@ def build(
         "trust_remote_code": trust_remote_code or None,
         "plan": {"compression": compression, "student": _student_shape(student), "context": context,
                  "progressive": progressive, "progressive_ratio": progressive_ratio},
-        "distill": {"steps": steps, "temperature": temperature, "alpha": alpha},
+        "distill": {"steps": steps, "temperature": temperature, "alpha": alpha, "qat_activations": qat_activations,
+                    "qat_learn_scales": learn_scales},
+        "export": {"onnx_block_size": onnx_block_size,
+                   "onnx_symmetric": None if onnx_asymmetric is None else not onnx_asymmetric,
+                   "onnx_int8_per_channel": onnx_int8_per_channel},
         "data": {"prompts": [str(p) for p in prompts] if prompts else None},
     })
     cfg = cfgmod.resolve(overrides, base)

@@ -57,18 +57,24 @@ class DistillConfig(_Section):
     alpha: float = Field(0.7, ge=0, le=1)
     qat: bool = True
     qat_start_fraction: float = Field(0.5, ge=0, le=1, description="fake-quant switches on after this share of steps")
+    qat_activations: bool = Field(True, description="QAT also models the runtime's int8 rounding of matmul inputs")
+    qat_learn_scales: bool = Field(False, description="LSQ: learn each block's scale; exporters write the learned ones")
     checkpoint_every: int = Field(20, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 class ExportConfig(_Section):
-    # 32 only for now: QAT, verify and the plan's size estimates all assume blocks of 32.
-    onnx_block_size: Literal[32] = 32
+    onnx_block_size: Literal[16, 32, 64, 128] = Field(32, description="ONNX weights per scale")
+    onnx_symmetric: bool = Field(True, description="ONNX: False stores a zero point per block")
+    onnx_int8_per_channel: bool = Field(False, description="ONNX INT8: one scale per output channel")
+    onnx_accuracy_level: Literal[1, 4] = Field(4, description="MatMulNBits: 4 int8 activations (fast), 1 float32")
 
 
 class EvalConfig(_Section):
     max_examples: int = Field(48, gt=0, description="held-out examples for quality and parity")
-    verify_tokens: int = Field(256, gt=8, description="held-out tokens fed to each runtime for parity")
+    verify_tokens: int = Field(1024, gt=8, description="held-out tokens fed to each runtime for parity")
+    parity_top1: float = Field(0.99, ge=0, le=1, description="gate: least next-token top-1 agreement with the fake-quant student")
+    parity_kl: float = Field(1e-3, ge=0, description="gate: largest mean KL(fake-quant student || artifact)")
     profile_new_tokens: int = Field(32, gt=1)
     profile_repeats: int = Field(3, gt=0)
 

@@ -53,6 +53,8 @@ _CHECK_TITLES = {
     "footprint_mb": "Memory footprint", "artifact_mb": "Artifact size", "decode_tok_s": "Decode speed",
     "ttft_ms": "Time to first token", "energy_j_per_100_tokens": "Energy per 100 tokens",
     "battery_pct_per_hour": "Battery per hour of chat",
+    "parity_weights": "Parity: weights vs fake-quant (max abs diff)", "parity_top1": "Parity: runtime top-1 agreement",
+    "parity_kl": "Parity: runtime KL to fake-quant",
 }
 
 
@@ -212,12 +214,32 @@ def _shape_text(s: dict) -> str:
     return f"{_params(s['params'])} params" + (": " + ", ".join(parts) if parts else "")
 
 
+def _parity_text(p: dict) -> str:
+    """One paragraph: the runtime against the fake-quant student, and the weights against its weights."""
+    text = (f"Parity in its runtime with the PyTorch fake-quant student ({p.get('reference') or 'same format'}): "
+            f"top-1 agreement {_pct(p.get('top1_agreement'))}, KL {_f(p.get('kl'))}"
+            + (f" over {p['positions']} held-out positions" if p.get("positions") else ""))
+    if p.get("weights_only_reference"):
+        w = p["weights_only_reference"]
+        text += (f"; against fake-quant weights alone (activations not modelled): top-1 {_pct(w['top1_agreement'])}, "
+                 f"KL {_f(w['kl'])}")
+    floor = p.get("noise_floor")
+    if floor:
+        text += (f"; the reference against itself in float64 (its noise floor: the runtime rounds activations to int8): "
+                 f"top-1 {_pct(floor['top1_agreement'])}, KL {_f(floor['kl'])}")
+    weights = p.get("weights") or {}
+    if weights.get("tensors_compared"):
+        text += (f". Weights read back from the file: {weights['tensors_compared']} tensors, largest difference "
+                 f"{_f(weights['max_abs_diff'])} from the fake-quant weights")
+    return text + "."
+
+
 def _summary_line(r: dict) -> tuple[str, list[str]]:
     checks = [c for a in r["artifacts"] for c in a["checks"]]
     failed = [f"{a['file']}: {c.get('message') or c.get('name')}" for a in r["artifacts"] for c in a["checks"]
               if not c.get("ok")]
     if r["ok"] is True:
-        return f"PASS: every budget met on {r['target']} ({len(checks)} checks).", []
+        return f"PASS: every check met on {r['target']} ({len(checks)} checks: budgets and parity).", []
     if r["ok"] is False:
         return f"FAIL: {len(failed)} of {len(checks)} checks failed on {r['target']}.", failed
     return f"No verdict recorded for {r['target']}.", failed
@@ -391,10 +413,8 @@ def to_markdown(report: dict) -> str:
                                 [_check_row(c) for c in a["checks"]]), ""]
             lines += [f"- {'ok' if c.get('ok') else 'FAIL'}: {c.get('message') or c.get('name')}" for c in a["checks"]]
             lines.append("")
-        p = a["parity"]
-        if p:
-            lines += [f"Parity in its runtime with the PyTorch fake-quant student (same format): top-1 agreement {_pct(p.get('top1_agreement'))}, "
-                      f"KL {_f(p.get('kl'))}.", ""]
+        if a["parity"]:
+            lines += [_parity_text(a["parity"]), ""]
         lines += ["Measured on the build host:", "", _md_table(["Figure", "Value"], _host_rows(a["host"])), ""]
         if a["host"].get("basis"):
             lines += [f"_How:_ {a['host']['basis']}", ""]
@@ -639,10 +659,8 @@ def to_html(report: dict) -> str:
             body.append("<ul>" + "".join(
                 f'<li class="{"pass" if c.get("ok") else "fail"}">{_e(c.get("message") or c.get("name"))}</li>'
                 for c in a["checks"]) + "</ul>")
-        p = a["parity"]
-        if p:
-            body.append(f"<p>Parity in its runtime with the PyTorch fake-quant student (same format): top-1 agreement {_e(_pct(p.get('top1_agreement')))}, "
-                        f"KL {_e(_f(p.get('kl')))}.</p>")
+        if a["parity"]:
+            body.append(f"<p>{_e(_parity_text(a['parity']))}</p>")
         body += ["<p>Measured on the build host:</p>", _html_table(["Figure", "Value"], _host_rows(a["host"]))]
         if a["host"].get("basis"):
             body.append(f'<p class="basis">How: {_e(a["host"]["basis"])}</p>')
@@ -695,12 +713,14 @@ def run(ctx) -> dict:
         host = ctx["profile"].summary["artifacts"][fmt]
         verdict = ctx["budget"].summary["artifacts"][fmt]
         proj = verdict["projected"]
+        parity = ctx["verify"].summary["artifacts"][fmt]
         artifacts.append({
             "file": art["file"], "format": fmt, "bytes": art["bytes"], "sha256": _artifact_sha256(ctx["export"], art["file"]),
-            "parity": ctx["verify"].summary["artifacts"][fmt],
+            "parity": parity,
             "host": host, "projected": {k: v for k, v in proj.items() if k != "footprint"},
             "footprint": proj["footprint"], "memory_tier": proj["memory_tier"],
-            "checks": verdict["checks"], "ok": verdict["ok"],
+            "checks": verdict["checks"] + parity.get("checks", []),
+            "ok": verdict["ok"] and all(c["ok"] for c in parity.get("checks", [])),
         })
     ok = all(a["ok"] for a in artifacts)
     report = {

@@ -151,6 +151,33 @@ def test_a_failed_budget_exits_1_and_the_report_says_why(tmp_path, tiny_teacher_
     assert "decode" in res.stderr
 
 
+def test_a_corrupted_artifact_fails_the_parity_gate_with_exit_1(tmp_path, tiny_teacher_dir, small_prompts, tiny_build):
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    _, shared_out, _ = tiny_build
+    out = tmp_path / "out"
+    shutil.copytree(shared_out / ".stages", out / ".stages")
+    for verify in (out / ".stages").glob("verify-*"):  # verify must look at the file again
+        shutil.rmtree(verify)
+    path = next((out / ".stages").glob("export-*/model-q4_0.gguf"))
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.attn_output.weight")
+    with open(path, "r+b") as f:  # the first block's fp16 scale, scaled by 1.5
+        f.seek(tensor.data_offset)
+        d = np.frombuffer(f.read(2), np.float16)[0]
+        f.seek(tensor.data_offset)
+        f.write(np.float16(d * 1.5).tobytes())
+    cfg = fast_config(tmp_path, out, tiny_teacher_dir, small_prompts)
+    res = cli("build", "--config", cfg, "--no-progress")
+    assert res.returncode == 1, res.stderr[-3000:]
+    report = json.loads((out / "phone-4gb" / "report.json").read_text())
+    failed = {(a["format"], c["name"]) for a in report["artifacts"] for c in a["checks"] if not c["ok"]}
+    assert ("gguf-q4_0", "parity_weights") in failed and all(fmt == "gguf-q4_0" for fmt, _ in failed)
+    assert "o_proj" in res.stderr and "parity" in (out / "phone-4gb" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["build", "--teacher", "/no/such/folder", "--dry-run"], "teacher not found"),
     (["build", "--target", "phone-4g", "--dry-run"], "did you mean phone-4gb"),

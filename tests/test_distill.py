@@ -38,17 +38,9 @@ def random_examples(n: int, seed: int) -> list[dict]:
     return out
 
 
-def fake_quant_test(w: torch.Tensor) -> torch.Tensor:
-    """Stand-in for the format-exact functions: symmetric 4-bit per row, straight-through."""
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 7
-    q = (w.detach() / scale).round().clamp(-8, 7) * scale
-    return w + (q - w).detach()
-
-
 @pytest.fixture
-def test_format(monkeypatch) -> str:
-    monkeypatch.setitem(qat.FAKE_QUANT, "test-int4", f"{__name__}:fake_quant_test")
-    return "test-int4"
+def test_format() -> str:
+    return "gguf-q4_0"
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +138,7 @@ def test_fake_quant_parametrization_keeps_ties_and_is_removable(test_format):
     float_logits = model(x).logits
 
     qat.enable_fake_quant(model, test_format)
-    assert qat.fake_quant_format(model) == test_format
+    assert qat.fake_quant_spec(model).fmt == test_format
     master = model.model.embed_tokens.parametrizations.weight.original
     assert master is embed and model.lm_head.parametrizations.weight.original is embed
     parametrized = sum(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
@@ -160,7 +152,7 @@ def test_fake_quant_parametrization_keeps_ties_and_is_removable(test_format):
     assert torch.allclose(reference(x).logits, quant_logits, atol=1e-5)
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in reference.modules())
     assert reference.lm_head.weight is reference.model.embed_tokens.weight
-    assert qat.fake_quant_format(model) == test_format  # the copy left the original as it was
+    assert qat.fake_quant_spec(model).fmt == test_format  # the copy left the original as it was
 
     qat.disable_fake_quant(model)
     assert list(model.state_dict()) == keys
@@ -180,11 +172,11 @@ def test_group_bits_give_the_embedding_and_lm_head_their_own_format(tied):
     model = tiny_llama(3, layers=1, hidden=64, tied=tied)
     x = torch.randint(0, VOCAB, (2, 9))
     qat.enable_fake_quant(model, "gguf-q4_0", {"embed": 8})
-    formats = {name: m.parametrizations.weight[0].fmt for name, m in model.named_modules()
+    formats = {name: m.parametrizations.weight[0].scheme.fmt for name, m in model.named_modules()
                if torch.nn.utils.parametrize.is_parametrized(m)}
     assert formats.pop("model.embed_tokens") == formats.pop("lm_head") == "gguf-q8_0"
     assert len(formats) == 7 and set(formats.values()) == {"gguf-q4_0"}
-    assert qat.fake_quant_format(model) == "gguf-q4_0" and qat.fake_quant_group_bits(model) == {"embed": 8}
+    assert qat.fake_quant_spec(model) == qat.QuantSpec("gguf-q4_0", {"embed": 8})
     with torch.no_grad():
         mixed_logits = model(x).logits
 
@@ -195,7 +187,7 @@ def test_group_bits_give_the_embedding_and_lm_head_their_own_format(tied):
         plain_logits = qat.fake_quant_model_copy(model, "gguf-q4_0")(x).logits
     assert torch.allclose(copy_logits, mixed_logits, atol=1e-5)
     assert not torch.allclose(plain_logits, mixed_logits, atol=1e-3)
-    assert qat.fake_quant_group_bits(model) == {"embed": 8}  # the copies left the setting as it was
+    assert qat.fake_quant_spec(model).group_bits == {"embed": 8}  # the copies left the setting as it was
 
 
 # ---------------------------------------------------------------- trainer
@@ -251,7 +243,7 @@ def test_distill_lowers_the_loss(distilled):
 
 
 def test_resume_matches_an_uninterrupted_run_with_qat(teacher, train_examples, tmp_path, test_format):
-    cfg = TrainConfig(**RESUME, qat_format=test_format, qat_start_step=5)
+    cfg = TrainConfig(**RESUME, qat=qat.QuantSpec(test_format), qat_start_step=5)
     straight = tiny_llama(1, layers=1, hidden=32)
     full = distill(straight, teacher, train_examples, cfg, tmp_path / "a", progress=False)
 
@@ -280,18 +272,20 @@ def test_resume_matches_an_uninterrupted_run_with_qat(teacher, train_examples, t
     assert other["resumed_from"] == 0 and other["steps"] == 5
 
 
-def test_resume_keeps_the_qat_group_bits(teacher, train_examples, tmp_path):
-    cfg = TrainConfig(**RESUME, qat_format="gguf-q4_0", qat_group_bits={"embed": 8}, qat_start_step=5)
+def test_resume_keeps_the_qat_spec(teacher, train_examples, tmp_path):
+    spec = qat.QuantSpec("gguf-q4_0", {"embed": 8}, act=True)
+    cfg = TrainConfig(**RESUME, qat=spec, qat_start_step=5)
     full = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, cfg, tmp_path / "a", progress=False)
     # the group bits matter: without them training takes another path
     plain = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples,
-                    TrainConfig(**RESUME, qat_format="gguf-q4_0", qat_start_step=5), tmp_path / "p", progress=False)
+                    TrainConfig(**RESUME, qat=qat.QuantSpec("gguf-q4_0"), qat_start_step=5), tmp_path / "p",
+                    progress=False)
     assert plain["loss_curve"][:5] == full["loss_curve"][:5] and plain["loss_curve"] != full["loss_curve"]
 
     distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, cfg, tmp_path / "b", progress=False,
             stop_after=10)
     meta = json.loads((tmp_path / "b" / "ckpt" / "meta.json").read_text())
-    assert meta["state"]["qat_group_bits"] == {"embed": 8} and meta["state"]["step"] == 8
+    assert qat.QuantSpec.from_dict(meta["state"]["qat"]) == spec and meta["state"]["step"] == 8
     resumed = distill(tiny_llama(1, layers=1, hidden=32), teacher, train_examples, cfg, tmp_path / "b",
                       progress=False, resume=True)
     assert resumed["resumed_from"] == 8 and resumed["loss_curve"] == full["loss_curve"]

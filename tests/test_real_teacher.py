@@ -47,9 +47,14 @@ def test_every_artifact_matches_the_fake_quant_student_in_its_runtime(real_build
     assert {a["format"] for a in report["artifacts"]} == {"gguf-q4_0", "gguf-q8_0", "onnx-int4", "onnx-int8"}
     for art in report["artifacts"]:
         p = art["parity"]
-        # runtimes quantize activations to 8 bits inside their matmuls; weights must match exactly-ish
-        assert p["top1_agreement"] >= 0.9 and p["kl"] <= 0.05, (art["file"], p)
-        assert p["weights"]["max_abs_diff"] <= 1e-3, (art["file"], p["weights"])
+        gate = {c["name"]: c for c in art["checks"] if c["name"].startswith("parity_")}
+        assert set(gate) == {"parity_weights", "parity_top1", "parity_kl"} and all(c["ok"] for c in gate.values())
+        # the file holds the fake-quant codes and scales themselves
+        assert p["weights"]["max_abs_diff"] == 0.0, (art["file"], p["weights"])
+        # both runtimes round activations to int8 here: the reference's own noise floor was measured,
+        # and the runtime lands on it (not merely under a widened bound)
+        assert p["positions"] >= 1000 and p["noise_floor"]["positions"] == p["positions"]
+        assert p["kl"] <= 1.5 * p["noise_floor"]["kl"] and p["kl"] < 0.01, (art["file"], p)
         assert p["sample"]["tokens"] > 0, art["file"]
 
 

@@ -1,57 +1,181 @@
-"""Quantization-aware training switch: train against the weights the exporter will actually write.
+"""Quantization-aware training: train against what the artifact's runtime will actually compute.
 
-The format-exact fake-quant functions live beside this module (qat_gguf, qat_onnx); each maps a
-2-D float weight [out, in] to its dequantized value with a straight-through gradient. They are
-looked up by "module:function" name on first use, so this module imports cleanly on its own.
+Two effects are modelled, each exactly as the runtime does it:
+
+- weights: every quantized module computes with `quantize(w, scheme).dequantize()`
+  (edgedistill.distill.quantized), the very codes and scales the exporter writes, with a
+  straight-through gradient to the float master weight;
+- activations (`QuantSpec.act`): llama.cpp's CPU kernels quantize the input of every Q4_0/Q8_0
+  matmul to Q8_0 blocks (32 values, scale amax/127 stored as fp16), and ONNX Runtime's MatMulNBits
+  at accuracy_level 4 quantizes it to int8 per weight block (scale amax/127, float32). A forward
+  pre-hook applies the same rounding to each quantized Linear's input, straight-through.
+
+Activation rounding makes a network's output a discontinuous function of its input: a last-bit
+difference in accumulation order flips a code, and the flip propagates. So the activation model
+matches the runtime's *distribution* of rounding error, not each rounding; see verify.py.
+
+Under bf16 autocast (the trainer's default where the hardware has bf16 math) a matmul rounds its
+fake-quant weights and activations to bf16 while training; the values themselves, the artifacts
+and the verify stage's float32 reference are exact.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from edgedistill.errors import UserError
-from edgedistill.formats import tensor_format, tensor_group
-
-FAKE_QUANT: dict[str, str] = {
-    "gguf-q4_0": "edgedistill.distill.qat_gguf:fake_quant_q4_0",
-    "gguf-q8_0": "edgedistill.distill.qat_gguf:fake_quant_q8_0",
-    "onnx-int4": "edgedistill.distill.qat_onnx:fake_quant_int4",
-    "onnx-int8": "edgedistill.distill.qat_onnx:fake_quant_int8",
-}
+from edgedistill.distill.quantized import QuantSpec, Scheme, quantize, quantize_named, round_half_away
+from edgedistill.formats import FORMATS
 
 
-def fake_quant_fn(fmt: str) -> Callable[[Tensor], Tensor]:
-    if fmt not in FAKE_QUANT:
-        raise UserError(f"no fake-quant for format {fmt!r}; known: {', '.join(FAKE_QUANT)}")
-    module_name, _, attr = FAKE_QUANT[fmt].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+def _straight_through(x: Tensor, value: Tensor) -> Tensor:
+    # value plus an exact zero: the forward is bit-exact and d(out)/d(x) is the identity.
+    # (x + (value - x).detach() can be off by one ulp.)
+    return value.to(x.dtype) + (x - x.detach())
 
 
 class FakeQuant(nn.Module):
-    """Parametrization: the module computes with fake_quant(weight); the float master is trained.
+    """Parametrization: the module computes with its stored (dequantized) weight; the float master is trained.
 
-    `fmt` is this tensor's format; `base` and `group_bits` are the model-wide setting it came from,
-    kept so that the setting can be read back from the model (checkpoints, copies).
+    With a learned scale (the owning module's `weight_scale`, LSQ), the codes are computed with it.
     """
 
-    def __init__(self, fmt: str, base: str, group_bits: dict | None):
+    def __init__(self, scheme: Scheme, spec: QuantSpec, scale: nn.Parameter | None = None):
         super().__init__()
-        self.fmt, self.base, self.group_bits = fmt, base, group_bits
-        self.fn = fake_quant_fn(fmt)
+        self.scheme, self.spec = scheme, spec
+        self._scale = [scale]  # a list keeps it out of this module's parameters: its owner holds it
 
     def forward(self, weight: Tensor) -> Tensor:
-        # parametrize requires the dtype to be unchanged; a float32 fake-quant of bf16 weights
-        # would otherwise be rejected.
-        return self.fn(weight).to(weight.dtype)
+        scale = self._scale[0]
+        if scale is None:
+            return _straight_through(weight, quantize(weight, self.scheme).dequantize())
+        return _lsq(weight, scale, self.scheme)
 
     def extra_repr(self) -> str:
-        return self.fmt
+        return f"{self.scheme.fmt}, block={self.scheme.block_size or 'row'}, symmetric={self.scheme.symmetric}"
+
+
+# ---- learned scales (LSQ: Esser et al., "Learned Step Size Quantization")
+
+SCALE = "weight_scale"  # the learned scale's attribute on a quantized module
+
+
+def _lsq(w: Tensor, scale: Tensor, scheme: Scheme) -> Tensor:
+    """Forward: exactly the codes the exporter writes with this scale. Backward: LSQ's gradients.
+
+    d/dw is 1 where the code is not clamped and 0 where it is; d/dscale is (code - zp) - w/scale
+    unclamped and (code - zp) clamped, scaled by 1/sqrt(block * qmax) as LSQ prescribes.
+    """
+    q = quantize(w, scheme, scale.detach())
+    rows, blocks, block = q.codes.shape
+    c = q.codes.float() - q.zero_point.float().unsqueeze(-1)  # integer steps, constant
+    wb = nn.functional.pad(w.float(), (0, blocks * block - w.shape[1])).reshape(rows, blocks, block)
+    qmax = float((1 << (FORMATS[scheme.fmt].bits - 1)) - 1)
+    g = 1.0 / (block * qmax) ** 0.5
+    s = (scale * g + (scale - scale * g).detach()).unsqueeze(-1)  # value scale, gradient scale * g
+    # an all-zero block has scale 0: its codes sit at the zero point, and nothing is inside
+    sd = s.detach()
+    ratio = torch.where(sd == 0, torch.zeros_like(wb), wb / torch.where(sd == 0, torch.ones_like(sd), sd)).detach()
+    inside = (ratio - c).abs() <= 0.5 + 1e-3
+    surrogate = s * c + torch.where(inside, wb - s * ratio, torch.zeros_like(wb))
+    value = q.dequantize()
+    surrogate = surrogate.reshape(rows, -1)[:, : w.shape[1]]
+    return (value + (surrogate - surrogate.detach())).to(w.dtype)
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """The first (name, module) holding each quantized weight: a tied weight has one owner."""
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in quantized_modules(model):
+        owners.setdefault(id(_master(module)), (name, module))
+    return owners
+
+
+def _master(module: nn.Module) -> Tensor:
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def init_learned_scales(model: nn.Module, spec: QuantSpec) -> list[nn.Parameter]:
+    """Give each quantized weight a trainable scale initialised by its format's rule (in place).
+
+    Called before the optimizer is built, so the scales are in it and in every checkpoint; called
+    again when fake-quant switches on, to start from the weights as they are then.
+    """
+    params = []
+    for name, module in _owners(model).values():
+        w = _master(module).detach()
+        rule = quantize(w, spec.scheme(name)).scale
+        existing = getattr(module, SCALE, None)
+        if existing is None:
+            module.register_parameter(SCALE, nn.Parameter(rule.clone()))
+        else:
+            with torch.no_grad():
+                existing.copy_(rule)
+        module._edgedistill_scale_scheme = spec.scheme(name)  # what the scale is learned for
+        params.append(getattr(module, SCALE))
+    return params
+
+
+def learned_scales(model: nn.Module, *, remove: bool = False) -> dict[str, tuple[Scheme, Tensor]]:
+    """{HF weight name: (the scheme it was learned for, scale)} of the modules' learned scales, as
+    saved beside a student (quantized.save_learned_scales); remove=True takes them off the modules."""
+    out = {}
+    for name, module in _owners(model).values():
+        scale = module._parameters.pop(SCALE, None) if remove else getattr(module, SCALE, None)
+        if scale is not None:
+            out[f"{name}.weight"] = (module._edgedistill_scale_scheme, scale.detach().clone())
+    return out
+
+
+# ---- activations
+
+
+def act_quant(x: Tensor, runtime: str, block: int) -> Tensor:
+    """x with its last dim rounded as the runtime's int8 activation quantization does, blocks of `block`.
+
+    llama.cpp (Q8_0): d = amax/127, codes roundf(x / d), values code * fp16(d).
+    ONNX Runtime (MatMulNBits CompInt8): the same with a float32 scale and round-half-even, as
+    measured against the kernel (an identity weight returns the quantized input).
+    """
+    cols = x.shape[-1]
+    xf = x.detach().float().reshape(-1, cols)
+    pad = -cols % block
+    if pad:
+        xf = nn.functional.pad(xf, (0, pad))
+    blocks = xf.reshape(xf.shape[0], -1, block)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    if runtime == "llamacpp":
+        q = round_half_away(blocks * inv) * d.half().float()
+    else:
+        q = torch.round(blocks * inv) * d
+    return q.reshape(xf.shape[0], -1)[:, :cols].reshape(x.shape)
+
+
+def _act_block(scheme: Scheme, cols: int) -> int:
+    if FORMATS[scheme.fmt].runtime == "llamacpp":
+        return 32  # Q8_0 blocks
+    from edgedistill.distill.qat_onnx import block_for
+
+    # MatMulNBits quantizes activations per weight block, but in blocks of at most 256 (measured
+    # with an identity weight: a per-channel block of 512-2048 matches only a 256 act block)
+    return min(block_for(scheme.block_size, cols), 256)
+
+
+def _act_hook(runtime: str, block: int):
+    def hook(module, args):
+        (x, *rest) = args
+        return (_straight_through(x, act_quant(x, runtime, block)), *rest)
+
+    return hook
+
+
+# ---- switching it on and off
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,21 +188,27 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
 
 
-def enable_fake_quant(model: nn.Module, fmt: str, group_bits: dict | None = None) -> None:
-    """Make every quantized module compute with its fake-quant weights, in place.
+def enable_fake_quant(model: nn.Module, spec: QuantSpec | str, group_bits: dict | None = None) -> None:
+    """Make every quantized module compute as the artifact of `spec` will, in place.
 
-    Each module's format is fmt, or the same runtime's wider format its tensor group asks for in
-    group_bits (edgedistill.formats.tensor_format), exactly as the exporters choose.
-
-    register_parametrization moves the existing Parameter object to
-    `parametrizations.weight.original`, so an optimizer built before this call keeps training it,
-    and a tied embedding / lm_head (one Parameter in two modules, both in the "embed" group)
-    stays a single tensor.
+    `spec` may be a format name (then group_bits applies, nothing else). register_parametrization
+    moves the existing Parameter object to `parametrizations.weight.original`, so an optimizer
+    built before this call keeps training it, and a tied embedding / lm_head (one Parameter in two
+    modules, both in the "embed" group) stays a single tensor.
     """
+    spec = spec if isinstance(spec, QuantSpec) else QuantSpec(spec, group_bits)
     disable_fake_quant(model)
+    owners = _owners(model)
     for name, module in quantized_modules(model):
-        module_fmt = tensor_format(fmt, tensor_group(name), group_bits)
-        parametrize.register_parametrization(module, "weight", FakeQuant(module_fmt, fmt, group_bits))
+        scheme = spec.scheme(name)
+        owner = owners[id(module.weight)][1]
+        scale = getattr(owner, SCALE, None) if spec.learn_scales else None
+        if spec.learn_scales and scale is None:
+            raise ValueError("learn_scales: call init_learned_scales before enable_fake_quant")
+        parametrize.register_parametrization(module, "weight", FakeQuant(scheme, spec, scale))
+        if spec.act and isinstance(module, nn.Linear):
+            handle = module.register_forward_pre_hook(_act_hook(spec.runtime, _act_block(scheme, module.in_features)))
+            module._edgedistill_act_hook = handle
 
 
 def disable_fake_quant(model: nn.Module) -> None:
@@ -86,49 +216,51 @@ def disable_fake_quant(model: nn.Module) -> None:
     for _, module in quantized_modules(model):
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        handle = module.__dict__.pop("_edgedistill_act_hook", None)
+        if handle is not None:
+            handle.remove()
 
 
-def _any_fake_quant(model: nn.Module) -> FakeQuant | None:
+def fake_quant_spec(model: nn.Module) -> QuantSpec | None:
+    """The QuantSpec fake-quant is enabled with on model, or None."""
     for _, module in quantized_modules(model):
         if parametrize.is_parametrized(module, "weight"):
-            return module.parametrizations.weight[0]
+            return module.parametrizations.weight[0].spec
     return None
 
 
-def fake_quant_format(model: nn.Module) -> str | None:
-    """The format (the artifact's, before group_bits) whose fake-quant is enabled on model, or None."""
-    fq = _any_fake_quant(model)
-    return fq.base if fq is not None else None
-
-
-def fake_quant_group_bits(model: nn.Module) -> dict | None:
-    """The group_bits fake-quant was enabled with on model (None when off or not given)."""
-    fq = _any_fake_quant(model)
-    return fq.group_bits if fq is not None else None
-
-
 @torch.no_grad()
-def fake_quant_model_copy(model: nn.Module, fmt: str, group_bits: dict | None = None) -> nn.Module:
-    """A deep copy whose weights are plain tensors holding the fake-quant values of fmt + group_bits.
+def fake_quant_model_copy(model: nn.Module, spec: QuantSpec | str, group_bits: dict | None = None, *,
+                          learned: dict[str, tuple[Scheme, Tensor]] | None = None) -> nn.Module:
+    """A deep copy computing what an artifact of `spec` should: plain tensors holding the stored
+    weights, plus the activation hooks when spec.act. The verify stage compares against it.
 
-    This is what an artifact of format fmt exported with group_bits should compute; the verify
-    stage compares against it. A tied weight is quantized once (both of its modules are in the
-    "embed" group): quantizing an already dequantized tensor again need not be the identity (the
-    fp16 scale may round differently).
+    learned: scales to quantize with where their scheme matches (quantized.quantize_named); by
+    default the model's own learned scales.
+
+    A tied weight is quantized once (both of its modules are in the "embed" group): quantizing an
+    already dequantized tensor again need not be the identity (the fp16 scale may round differently).
     """
+    spec = spec if isinstance(spec, QuantSpec) else QuantSpec(spec, group_bits)
     # A parametrized module gets a class of its own that deepcopy shares rather than copies, so
     # removing the parametrization from the copy would break the original: copy it plain.
-    enabled, enabled_bits = fake_quant_format(model), fake_quant_group_bits(model)
+    enabled = fake_quant_spec(model)
+    if learned is None:
+        learned = learned_scales(model)
     disable_fake_quant(model)
     try:
         out = copy.deepcopy(model)
     finally:
         if enabled is not None:
-            enable_fake_quant(model, enabled, enabled_bits)
+            enable_fake_quant(model, enabled)
     done: set[int] = set()
     for name, module in quantized_modules(out):
+        scheme = spec.scheme(name)
         if id(module.weight) not in done:
             done.add(id(module.weight))
-            fn = fake_quant_fn(tensor_format(fmt, tensor_group(name), group_bits))
-            module.weight.copy_(fn(module.weight.detach()).to(module.weight.dtype))
+            stored = quantize_named(f"{name}.weight", module.weight, scheme, learned)
+            module.weight.copy_(stored.dequantize().to(module.weight.dtype))
+        if spec.act and isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(_act_hook(spec.runtime, _act_block(scheme, module.in_features)))
+    learned_scales(out, remove=True)  # the copy computes with plain weights
     return out

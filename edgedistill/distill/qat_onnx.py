@@ -1,20 +1,30 @@
-"""Format-exact fake-quant for the ONNX INT4/INT8 artifacts, with a straight-through estimator.
+"""ONNX Runtime's blockwise weight quantization (MatMulNBits / GatherBlockQuantized), bit-exact.
 
-The ONNX exporter (onnxruntime-genai's model builder, then edgedistill.export.onnx) quantizes every
-matrix with ONNX Runtime's MLAS blockwise quantizer (`quantize_matmul_4bits` / `_8bits`, symmetric,
-"default" algorithm). For a weight [out, in] that rule is, per block of `block_size` consecutive
-weights along `in` (MatMulNBits' K axis; GatherBlockQuantized's quantize_axis=1 on [vocab, hidden]):
+`quantize_int4` / `quantize_int8` reproduce ONNX Runtime's MLAS quantizer (`quantize_matmul_4bits`
+/ `_8bits`, the builder's "default" algorithm) on a weight [out, in]. Each row is cut into blocks
+of `block` consecutive weights along `in` (MatMulNBits' K axis; GatherBlockQuantized's
+quantize_axis=1), the last one zero-padded. With B = 2**bits - 1 and mid = 2**(bits-1):
 
-- `m` = the block's max if |max| > |min|, else its min (a tie picks the negative end);
-- `scale = m / -2**(bits-1)` in float32 (so the scale is signed), stored as float32;
-- `code = clamp(roundf(x * (1/scale) + zp), 0, 2**bits - 1)` with `zp = 2**(bits-1)` (8 or 128),
-  roundf rounding halves away from zero, and the reciprocal taken first (x * (1/s) != x / s);
-  an all-zero block has scale 0 and every code at zp;
-- value = `(code - zp) * scale`: the element of largest magnitude lands exactly on -2**(bits-1),
-  and the other end of the range can clip at 2**(bits-1) - 1.
+- symmetric: `m` = the block's max if |max| > |min|, else its min (a tie picks the negative end);
+  `scale = m / -mid` in float32 (a signed scale) and the zero point is the implicit `mid` (8 / 128,
+  not stored in the file);
+- asymmetric: lo = min(block min, 0), hi = max(block max, 0); `scale = (hi - lo) / B` in float32
+  and `zp = clamp(roundf(0 - lo / scale), 0, B)` (0 where scale is 0), stored in the file;
+- both: `code = clamp(roundf(x * (1/scale) + zp), 0, B)`, roundf rounding halves away from zero
+  and the reciprocal taken first (x * (1/s) != x / s); an all-zero block has scale 0 and every code
+  at zp; value = `(code - zp) * scale`.
 
-The zero point is implicit (not stored) because the export is symmetric. A tied embedding/lm_head
-is one quantized matrix read by both MatMulNBits and GatherBlockQuantized, so quantize it once.
+The padding columns hold the code of 0.0, i.e. zp, so they dequantize to exactly 0 (MLAS leaves
+that part of the caller's buffer as it was).
+
+A learned (LSQ) scale replaces the rule's scale and the codes follow with the same formula. In the
+asymmetric scheme the zero point stays the rule's, set by the block's own range: only the step is
+learned, so a learned-scale file carries no zero points.
+
+Block sizes: any power of two >= 16 (MatMulNBits' and GatherBlockQuantized's constraint), or
+`PER_CHANNEL`: one block per row, its size the smallest power of two >= max(in, 16), which is the
+block_size attribute such a node needs; the padding never changes a block's range or pick. (MLAS's
+own quantizer stops at 256; the MatMulNBits kernel runs larger blocks, checked in the tests.)
 """
 
 from __future__ import annotations
@@ -22,47 +32,74 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _round_half_away(x: Tensor) -> Tensor:
-    # C roundf. Splitting off the fractional part is exact in float32; floor(x + 0.5) is not
-    # (0.49999997 + 0.5 rounds to 1.0).
-    t = torch.trunc(x)
-    return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+from edgedistill.distill.quantized import PER_CHANNEL, QuantizedWeight, Scheme, round_half_away
+from edgedistill.errors import UserError
 
 
-def dequant_blockwise(w: Tensor, bits: int, block_size: int = 32) -> Tensor:
-    """The values the ONNX artifact holds for a [out, in] weight (float32, no gradient)."""
+def block_for(block_size: int, cols: int) -> int:
+    """The block a scheme's block_size means for a matrix with `cols` inputs."""
+    if block_size == PER_CHANNEL:
+        return max(16, 1 << max(cols - 1, 0).bit_length())
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UserError(f"ONNX block_size must be a power of two >= 16 (or 0: per channel), got {block_size}")
+    return block_size
+
+
+def _blocks(w: Tensor, block: int) -> Tensor:
+    """w [rows, cols] as float32 [rows, blocks, block], K zero-padded like the runtime's B."""
     if w.dim() != 2:
-        raise ValueError(f"ONNX fake-quant needs a 2-D weight [out, in], got {tuple(w.shape)}")
-    rows, cols = w.shape
+        raise ValueError(f"ONNX quantization needs a 2-D weight [out, in], got {tuple(w.shape)}")
     x = w.detach().float()
-    pad = -cols % block_size
+    pad = -x.shape[1] % block
     if pad:
-        # The exporter zero-pads K; zeros never win the max-magnitude pick, so values are unchanged.
         x = torch.nn.functional.pad(x, (0, pad))
-    x = x.reshape(rows, -1, block_size)
-    hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+    return x.reshape(x.shape[0], -1, block)
+
+
+def _symmetric_rule(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    hi, lo = x.amax(dim=-1), x.amin(dim=-1)
     m = torch.where(hi.abs() > lo.abs(), hi, lo)
-    mid = float(1 << (bits - 1))
-    scale = m / -mid
-    recip = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-    code = _round_half_away(x * recip + mid).clamp(0, 2 * mid - 1)
-    return ((code - mid) * scale).reshape(rows, -1)[:, :cols]
+    mid = 1 << (bits - 1)
+    return m / float(-mid), torch.full_like(m, float(mid))
 
 
-def _straight_through(w: Tensor, q: Tensor) -> Tensor:
-    # q plus an exact zero: the forward value is bit-exact and d(out)/d(w) is the identity.
-    return q.to(w.dtype) + (w - w.detach())
+def _asymmetric_rule(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    top = float((1 << bits) - 1)
+    lo, hi = x.amin(dim=-1).clamp(max=0.0), x.amax(dim=-1).clamp(min=0.0)
+    scale = (hi - lo) / top
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.where(scale == 0, torch.zeros_like(scale), 0.0 - lo / safe)
+    return scale, round_half_away(zp).clamp(0.0, top)
 
 
-def fake_quant_int4(w: Tensor, block_size: int = 32) -> Tensor:
-    """ONNX INT4 (MatMulNBits bits=4) fake-quant: forward = exported values, backward = identity."""
-    return _straight_through(w, dequant_blockwise(w, 4, block_size))
+def _codes(x: Tensor, scale: Tensor, zp: Tensor, bits: int) -> Tensor:
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    recip = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / safe).unsqueeze(-1)
+    return round_half_away(x * recip + zp.unsqueeze(-1)).clamp(0.0, float((1 << bits) - 1))
 
 
-def fake_quant_int8(w: Tensor, block_size: int = 32) -> Tensor:
-    """ONNX INT8 (MatMulNBits bits=8) fake-quant: forward = exported values, backward = identity."""
-    return _straight_through(w, dequant_blockwise(w, 8, block_size))
+def _quantize(w: Tensor, scheme: Scheme, scale: Tensor | None, bits: int) -> QuantizedWeight:
+    cols = w.shape[-1]
+    x = _blocks(w, block_for(scheme.block_size, cols))
+    rule_scale, zp = (_symmetric_rule if scheme.symmetric else _asymmetric_rule)(x, bits)
+    if scale is not None:
+        scale = scale.detach().to(torch.float32, copy=True).reshape(-1)
+        if scale.numel() != rule_scale.numel():
+            raise ValueError(f"learned scale has {scale.numel()} values; {scheme} on {tuple(w.shape)} "
+                             f"needs {tuple(rule_scale.shape)}")
+        rule_scale = scale.reshape(rule_scale.shape).to(rule_scale.device)
+    codes = _codes(x, rule_scale, zp, bits)
+    return QuantizedWeight(codes.to(torch.uint8), rule_scale.contiguous(), zp.to(torch.uint8), cols)
+
+
+def quantize_int4(w: Tensor, scheme: Scheme, scale: Tensor | None = None) -> QuantizedWeight:
+    """MatMulNBits / GatherBlockQuantized bits=4 codes of w [out, in] (see the module docstring)."""
+    return _quantize(w, scheme, scale, 4)
+
+
+def quantize_int8(w: Tensor, scheme: Scheme, scale: Tensor | None = None) -> QuantizedWeight:
+    """MatMulNBits / GatherBlockQuantized bits=8 codes of w [out, in] (see the module docstring)."""
+    return _quantize(w, scheme, scale, 8)
 
 
 def which_onnx_weights_are_quantized(config) -> list[str]:
@@ -79,6 +116,3 @@ def which_onnx_weights_are_quantized(config) -> list[str]:
     if not getattr(config, "tie_word_embeddings", False):
         names.append("lm_head.weight")
     return names
-
-
-FAKE_QUANT = {"onnx-int4": fake_quant_int4, "onnx-int8": fake_quant_int8}

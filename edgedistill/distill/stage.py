@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from edgedistill.data.teacher_answers import read_jsonl
+from edgedistill.distill.qat import QuantSpec, learned_scales
+from edgedistill.distill.quantized import save_learned_scales
 from edgedistill.distill.trainer import TrainConfig, distill
 from edgedistill.measure.quality import evaluate, teacher_targets
 from edgedistill.progressive import split_steps
@@ -15,13 +19,31 @@ def load_student(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def train_config(d, steps: int, qat_format: str | None, seed: int, qat_group_bits: dict | None = None) -> TrainConfig:
+def quant_spec(cfg, fmt: str, group_bits: dict | None, *, act: bool) -> QuantSpec:
+    """How the build's artifact of `fmt` stores its weights (the export section), as QAT and verify model it."""
+    e = cfg.export
+    return QuantSpec(fmt, group_bits or None, block_size=e.onnx_block_size, symmetric=e.onnx_symmetric,
+                     int8_per_channel=e.onnx_int8_per_channel, act=act)
+
+
+def qat_spec(cfg, plan_student: dict) -> QuantSpec | None:
+    """What the distill stage trains against: the plan's QAT format, activations modelled when asked."""
+    from edgedistill.verify import runtime_quantizes_activations
+
+    fmt = plan_student["qat_format"]
+    if not cfg.distill.qat or fmt is None:
+        return None
+    act = cfg.distill.qat_activations and runtime_quantizes_activations(fmt, cfg.export)
+    spec = quant_spec(cfg, fmt, plan_student.get("group_bits"), act=act)
+    return replace(spec, learn_scales=cfg.distill.qat_learn_scales)
+
+
+def train_config(d, steps: int, qat: QuantSpec | None, seed: int) -> TrainConfig:
     """The trainer's settings from the build's `distill` section, for a run of `steps` steps."""
     return TrainConfig(
         steps=steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
-        temperature=d.temperature, alpha=d.alpha, qat_format=qat_format, qat_group_bits=qat_group_bits,
-        qat_start_step=int(d.qat_start_fraction * steps), checkpoint_every=d.checkpoint_every, seed=seed,
-        mixed_precision=d.mixed_precision,
+        temperature=d.temperature, alpha=d.alpha, qat=qat, qat_start_step=int(d.qat_start_fraction * steps),
+        checkpoint_every=d.checkpoint_every, seed=seed, mixed_precision=d.mixed_precision,
     )
 
 
@@ -40,15 +62,17 @@ def run(ctx) -> dict:
                           f"steps against the assistant (intermediate {len(chain)})")
     train = read_jsonl(ctx["data"].path("train_tokens.jsonl"))
     heldout = read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples]
-    qat_format = ctx["plan"].summary["student"]["qat_format"] if d.qat else None
-    qat_group_bits = (ctx["plan"].summary["student"].get("group_bits") or None) if d.qat else None
+    qat = qat_spec(cfg, ctx["plan"].summary["student"])
 
     targets = teacher_targets(teacher, heldout)
     quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
-    result = distill(student, coach, train, train_config(d, steps, qat_format, cfg.seed, qat_group_bits), ctx.dir,
+    result = distill(student, coach, train, train_config(d, steps, qat, cfg.seed), ctx.dir,
                      resume=ctx.session.resume, progress=ctx.session.progress)
     quality["student"] = evaluate(student, targets, heldout)
+    learned = learned_scales(student, remove=True)
     student.save_pretrained(ctx.dir / "student")
     tok.save_pretrained(ctx.dir / "student")
-    return {"train": result, "quality": quality, "qat_format": qat_format, "teacher_for_training": trains_against,
+    if learned and result["qat_ran"]:  # scales that never trained would not fit the final weights
+        save_learned_scales(ctx.dir / "student", learned)
+    return {"train": result, "quality": quality, "qat": qat.to_dict() if qat else None, "teacher_for_training": trains_against,
             "params": sum(p.numel() for p in student.parameters())}

@@ -24,7 +24,14 @@ from rich.text import Text
 from torch.utils.data import DataLoader, TensorDataset
 
 from edgedistill.distill.losses import kd_loss
-from edgedistill.distill.qat import disable_fake_quant, enable_fake_quant, fake_quant_format, fake_quant_group_bits
+from edgedistill.distill.qat import (
+    SCALE,
+    QuantSpec,
+    disable_fake_quant,
+    enable_fake_quant,
+    fake_quant_spec,
+    init_learned_scales,
+)
 from edgedistill.errors import UserError
 
 
@@ -39,8 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     temperature: float = 2.0
     alpha: float = 0.7
-    qat_format: str | None = None
-    qat_group_bits: dict | None = None  # wider formats per tensor group, e.g. {"embed": 8}
+    qat: QuantSpec | None = None  # fake-quant of this artifact setting, from qat_start_step on
     qat_start_step: int = 0
     checkpoint_every: int = 50
     grad_clip: float = 1.0
@@ -147,8 +153,8 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Checkpoints hold the plain float master weights under their usual names; the fake-quant
-    # parametrizations are recreated from the state's "qat" and "qat_group_bits" on resume.
-    fmt, group_bits = fake_quant_format(model), fake_quant_group_bits(model)
+    # parametrizations are recreated from the state's "qat" on resume.
+    spec = fake_quant_spec(model)
     disable_fake_quant(model)
     # accelerate warns that it drops a tied lm_head.weight from the safetensors file; loading
     # embed_tokens.weight back into the one shared Parameter restores both, so the warning is noise.
@@ -159,8 +165,8 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
         accelerator.save_state(str(tmp))
     finally:
         other.setLevel(level)
-    if fmt is not None:
-        enable_fake_quant(model, fmt, group_bits)
+    if spec is not None:
+        enable_fake_quant(model, spec)
     if accelerator.is_main_process:
         (tmp / "meta.json").write_text(json.dumps(meta))
         if final.exists():
@@ -193,15 +199,18 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     # ---- models and optimizer; norms and biases are not weight-decayed
     teacher.eval().requires_grad_(False).to(accelerator.device)
     student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.qat and cfg.qat.learn_scales:
+        init_learned_scales(student, cfg.qat)  # in the optimizer and the checkpoints from the start
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in params if p.dim() >= 2 and not n.endswith(SCALE)]
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in params if not any(p is q for q in decayed)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     model = accelerator.unwrap_model(student)
 
     # ---- resume: weights, optimizer moments and RNG states come back with load_state
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "qat": None, "qat_group_bits": None}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "qat": None}
     ckpt = _latest_checkpoint(workdir) if resume else None
     if ckpt is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
@@ -209,7 +218,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             accelerator.load_state(str(ckpt))
             state = meta["state"]
             if state["qat"]:
-                enable_fake_quant(model, state["qat"], state["qat_group_bits"])
+                enable_fake_quant(model, QuantSpec.from_dict(state["qat"]))
         else:
             accelerator.print(f"checkpoint {ckpt} is from a different run (config or data); starting over")
 
@@ -221,9 +230,11 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     with bar:
         task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
         for step in range(state["step"], last):
-            if cfg.qat_format and step >= cfg.qat_start_step and not state["qat"]:
-                enable_fake_quant(model, cfg.qat_format, cfg.qat_group_bits)
-                state["qat"], state["qat_group_bits"] = cfg.qat_format, cfg.qat_group_bits
+            if cfg.qat and step >= cfg.qat_start_step and not state["qat"]:
+                if cfg.qat.learn_scales:
+                    init_learned_scales(model, cfg.qat)  # from the weights as they are now
+                enable_fake_quant(model, cfg.qat)
+                state["qat"] = cfg.qat.to_dict()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -263,5 +274,6 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         "tokens_per_s": round(state["tokens"] / state["seconds"], 1) if state["seconds"] > 0 else 0.0,
         "final_loss": curve[-1] if curve else None,
         "mixed_precision": accelerator.mixed_precision,
+        "qat_ran": state["qat"] is not None,  # fake-quant switched on before the run ended
         "loss_curve": curve,
     }

@@ -14,7 +14,10 @@ def load_float_weights(student_dir: Path) -> dict[str, np.ndarray]:
     # torch reads bf16/fp16 checkpoints that numpy cannot; quantization works on float32
     from safetensors import safe_open
 
-    files = sorted(Path(student_dir).glob("*.safetensors"))
+    from edgedistill.distill.quantized import SCALES_FILE
+
+    # the learned-scale file sits beside the weights under the same HF names: it is not a weight
+    files = sorted(p for p in Path(student_dir).glob("*.safetensors") if p.name != SCALES_FILE)
     if not files:
         raise UserError(f"{student_dir}: no *.safetensors weights (save the student with save_pretrained)")
     weights = {}

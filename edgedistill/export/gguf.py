@@ -1,13 +1,16 @@
 """Export a Hugging Face Llama student folder as a GGUF file (Q4_0 or Q8_0) for llama.cpp.
 
-Every 2-D weight, the token embedding included, is quantized with gguf-py's reference quantizer,
-which is what `edgedistill.distill.qat_gguf` reproduces in torch: the weights a runtime reads back
-are the fake-quant weights the student was trained with. Norm weights stay F32.
+Every 2-D weight, the token embedding included, is written as the codes and scales
+`edgedistill.distill.quantized.quantize` gives for it (with the LSQ scale the student learned for it,
+if any): the very values fake-quant training computed with and verify compares against. Norm
+weights stay F32.
 
 llama.cpp applies rotary embeddings to adjacent pairs (x0, x1), (x2, x3), ... of each head, while
 HF Llama rotates the two halves of the head against each other. The q/k projections are therefore
 written with their rows reordered per head (see `permute_qk`). Quantization blocks run along the
-input dimension and the reordering moves whole rows, so it commutes with quantization.
+input dimension and the reordering moves whole rows, so it commutes with quantization; we quantize
+in HF row order, where the learned scales (one row per HF output row) line up, and reorder the
+packed rows.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
+from edgedistill.distill.quantized import QuantizedWeight, Scheme, load_learned_scales, quantize_named
 from edgedistill.errors import UserError
 from edgedistill.export import load_float_weights
 from edgedistill.formats import TENSOR_GROUPS, tensor_format, tensor_group
@@ -46,7 +51,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: Path | None = None,
-                fake_quant_state: dict | None = None, group_bits: dict | None = None) -> None:
+                group_bits: dict | None = None) -> None:
     """Write `student_dir` (an HF Llama folder) to `out_file` in `fmt` ("gguf-q4_0" | "gguf-q8_0").
 
     `group_bits`: wider formats per tensor group (e.g. {"embed": 8}: token_embd and output in Q8_0),
@@ -54,11 +59,11 @@ def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: 
 
     `tokenizer_gguf`: a GGUF file whose tokenizer metadata is copied verbatim (the teacher's, when the
     teacher came as GGUF); otherwise the metadata is built from the HF tokenizer files.
-    `fake_quant_state`: reserved for learned quantization codes; not used yet.
+    Learned scales saved in the student folder (edgedistill.distill.quantized.SCALES_FILE) are used
+    for the tensors stored in the scheme they were learned for.
     """
     if fmt not in QUANT_TYPES:
         raise UserError(f"not a GGUF format: {fmt!r}; known: {', '.join(QUANT_TYPES)}")
-    del fake_quant_state  # hook for trained codes; the reference quantizer reproduces fake-quant today
     student_dir, out_file = Path(student_dir), Path(out_file)
     if not (student_dir / "config.json").is_file():
         raise UserError(f"{student_dir}: not a Hugging Face model folder (no config.json)")
@@ -66,9 +71,10 @@ def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: 
     if cfg.get("model_type") != "llama":
         raise UserError(f"{student_dir}: GGUF export supports Llama students, got model_type {cfg.get('model_type')!r}")
 
-    # every group's type up front: an impossible group_bits fails before any work
-    qtypes = {g: QUANT_TYPES[tensor_format(fmt, g, group_bits)] for g in TENSOR_GROUPS}
+    # every group's format up front: an impossible group_bits fails before any work
+    formats = {g: tensor_format(fmt, g, group_bits) for g in TENSOR_GROUPS}
     weights = load_float_weights(student_dir)  # first: a missing checkpoint fails before the tokenizer work
+    learned = load_learned_scales(student_dir)
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, cfg, student_dir.resolve().name, fmt)
@@ -76,7 +82,7 @@ def export_gguf(student_dir: Path, out_file: Path, fmt: str, *, tokenizer_gguf: 
         _copy_tokenizer(writer, Path(tokenizer_gguf))
     else:
         _hf_tokenizer(writer, student_dir, cfg["vocab_size"])
-    for name, data, qtype in _gguf_tensors(weights, cfg, qtypes, student_dir):
+    for name, data, qtype in _gguf_tensors(weights, cfg, formats, learned, student_dir):
         writer.add_tensor(name, data, raw_dtype=qtype)
 
     partial = out_file.with_suffix(".gguf.partial")
@@ -132,11 +138,12 @@ def _hf_to_gguf_names(n_blocks: int) -> dict[str, str]:
     return {f"{n}{s}": f"{tmap.get_name(n)}{s}" for n in names for s in (".weight", ".bias")}
 
 
-def _gguf_tensors(weights: dict[str, np.ndarray], cfg: dict, qtypes: dict[str, gguf.GGMLQuantizationType],
+def _gguf_tensors(weights: dict[str, np.ndarray], cfg: dict, formats: dict[str, str], learned: dict,
                   student_dir: Path):
     """Yield (gguf name, data, raw dtype) for every tensor the file holds, in llama.cpp's layout.
 
-    qtypes: the quantization type of each tensor group (edgedistill.formats.tensor_group).
+    formats: the format of each tensor group (edgedistill.formats.tensor_group); learned: the
+    student's learned scales (edgedistill.distill.quantized.load_learned_scales).
     """
     n_head = cfg["num_attention_heads"]
     n_head_kv = cfg.get("num_key_value_heads") or n_head
@@ -148,18 +155,44 @@ def _gguf_tensors(weights: dict[str, np.ndarray], cfg: dict, qtypes: dict[str, g
     for hf, w in weights.items():
         if hf not in names:
             raise UserError(f"{student_dir}: tensor {hf!r} has no place in a llama GGUF")
-        if ".self_attn.q_proj." in hf:
-            w = permute_qk(w, n_head)
-        elif ".self_attn.k_proj." in hf:
-            w = permute_qk(w, n_head_kv)
         if w.ndim == 2:
-            qtype = qtypes[tensor_group(hf)]
+            tensor_fmt = formats[tensor_group(hf)]
             if w.shape[1] % 32:
                 raise UserError(f"{hf}: input dim {w.shape[1]} is not a multiple of 32, so it cannot be "
-                                f"quantized to {qtype.name}")
-            yield names[hf], gguf.quants.quantize(w, qtype), qtype
+                                f"quantized to {QUANT_TYPES[tensor_fmt].name}")
+            # quantized in HF row order, where a learned scale's rows line up; rows are packed
+            # independently, so reordering packed rows below equals quantizing reordered weights
+            q = quantize_named(hf, torch.from_numpy(w), Scheme(tensor_fmt), learned)
+            data, qtype = pack_blocks(q, tensor_fmt), QUANT_TYPES[tensor_fmt]
         else:
-            yield names[hf], w.astype(np.float32), gguf.GGMLQuantizationType.F32
+            data, qtype = w.astype(np.float32), gguf.GGMLQuantizationType.F32
+        if ".self_attn.q_proj." in hf:
+            data = permute_qk(data, n_head)
+        elif ".self_attn.k_proj." in hf:
+            data = permute_qk(data, n_head_kv)
+        yield names[hf], data, qtype
+
+
+# Packed by hand rather than with gguf.quants.quantize: that computes its own scales from the float
+# weights, while the file must hold the codes and scales training used (learned ones included).
+# Without a learned scale the bytes are the same (tests/test_gguf.py checks it).
+def pack_blocks(q: QuantizedWeight, fmt: str) -> np.ndarray:
+    """A QuantizedWeight as the uint8 [rows, bytes per row] array of ggml blocks of type `fmt`.
+
+    block_q4_0: fp16 d, then 16 bytes; byte j holds code j in its low nibble, code j + 16 in its high.
+    block_q8_0: fp16 d, then 32 int8 (code - 128).
+    """
+    zero = {"gguf-q4_0": 8, "gguf-q8_0": 128}[fmt]
+    if q.block != 32 or not bool((q.zero_point == zero).all()):
+        raise ValueError(f"{fmt} stores blocks of 32 with the implicit zero point {zero}")
+    codes = q.codes.cpu().numpy()
+    d = q.scale.cpu().numpy().astype(np.float16)  # exact: the scale already is an fp16 value
+    if fmt == "gguf-q4_0":
+        body = codes[..., :16] | (codes[..., 16:] << np.uint8(4))
+    else:
+        body = codes ^ np.uint8(0x80)  # the byte of the int8 code - 128
+    blocks = np.concatenate([d[..., None].view(np.uint8), body], axis=-1)
+    return blocks.reshape(codes.shape[0], -1)
 
 
 def _add_hparams(w: gguf.GGUFWriter, cfg: dict, name: str, fmt: str) -> None:

@@ -1,22 +1,24 @@
 """ONNX INT4/INT8 export through onnxruntime-genai's model builder, plus a reader for its weights.
 
-The builder writes a decoder with a KV cache (past_key_values.N.* in, present.N.* out), with
-every linear as MatMulNBits, and genai_config.json + tokenizer files beside it. Two gaps are
-closed after it runs so that *every* matrix is quantized with the one MLAS rule that
-edgedistill.distill.qat_onnx mirrors:
+The builder writes a decoder with a KV cache (past_key_values.N.* in, present.N.* out), every
+linear as MatMulNBits, and genai_config.json + tokenizer files beside it. Only its graph is kept:
+afterwards *every* quantized initializer is rewritten from `quantized.quantize_named` on the
+student's float weights (with the LSQ scale the student folder holds for the tensor, if any), so
+the folder stores the very codes, scales and zero points that QAT trained against and verify
+checks (edgedistill.distill.quantized). Each tensor's scheme: its own format (after group_bits),
+`block_size` (PER_CHANNEL for INT8 tensors with int8_per_channel) and `symmetric`.
 
-- INT8: ORT's quantizer only quantizes Gather to 4 bits, so the token embedding would stay a
-  float32 copy. A tied model instead reads the lm_head's int8 matrix through GatherBlockQuantized
-  (bits=8), exactly as the builder does for INT4; an untied one gets its own int8 matrix.
-- Untied INT4: ORT quantizes a lone Gather with a numpy path (round half to even, x / s) that
-  differs from MLAS in the last code now and then, so the builder is told to leave it and it is
-  quantized here with MLAS.
+- MatMulNBits: B [N, blocks, block * bits / 8] (low nibble first), scales [N, blocks], and for an
+  asymmetric scheme zero_points [N, ceil(blocks * bits / 8)]; bits and block_size attributes per
+  node. A fused node (qkv_proj, gate_up_proj) stacks its HF matrices' rows: each row is quantized
+  on its own, so the stack holds each part's own codes.
+- The token embedding is GatherBlockQuantized. Tied: it reads the lm_head's codes, scales and zero
+  points (one matrix) through a Reshape; untied: a table of its own. The builder leaves INT8 (ORT
+  quantizes Gather to 4 bits only) and untied embeddings as float Gather: they are replaced here.
+  Where the block does not divide hidden (e.g. per channel), the padded columns are sliced off.
 
-A tensor group given more bits than the format (group_bits, e.g. {"embed": 8}) is re-quantized
-afterwards, with the same MLAS rule, from the student's float weights: see `_requantize_groups`.
-
-edgedistill_onnx.json in the folder records the format and the settings (accuracy_level and
-group_bits included).
+edgedistill_onnx.json in the folder records the format and the settings (block size, symmetric,
+per channel, accuracy_level, group_bits, each group's scheme).
 """
 
 from __future__ import annotations
@@ -30,64 +32,79 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from edgedistill.distill.quantized import (
+    SCALES_FILE,
+    QuantizedWeight,
+    QuantSpec,
+    Scheme,
+    load_learned_scales,
+    quantize_named,
+)
 from edgedistill.errors import UserError
 from edgedistill.export import load_float_weights
-from edgedistill.formats import TENSOR_GROUPS, tensor_format, tensor_group
+from edgedistill.formats import TENSOR_GROUPS, tensor_group
 
 BITS = {"onnx-int4": 4, "onnx-int8": 8}
 INFO_FILE = "edgedistill_onnx.json"
 MODEL_FILE = "model.onnx"
-EMBED_GATHER = "/model/embed_tokens/Gather"
+EMBED_PREFIX = "/model/embed_tokens/"
+EMBED_GATHER = EMBED_PREFIX + "Gather"
+EMBED_NAME, LM_HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
+# The builder's own codes are all replaced, so its block size only has to be one MLAS quantizes.
+BUILDER_BLOCK = 32
 
 # 4 = MatMulNBits quantizes the activations to int8 per block and multiplies int8 x int8, the
 # builder's own CPU default. Measured on a SmolLM2-135M-shaped model, 2 threads, 128-token prompt:
 # decode 74 vs 28 tok/s (int4) and 31 vs 1.7 tok/s (int8: no fp32 kernel, it dequantizes B on each
-# call) against level 1, prefill ~1.6x faster. The price is activation rounding that QAT does not
-# model: mean KL to the fake-quant model ~4e-5 there (1e-13 with level 1); top-1 95-98% on its
-# near-flat random logits. Verify compares weights exactly either way (dequantize_onnx_weights).
+# call) against level 1, prefill ~1.6x faster. The price is activation rounding: mean KL to the
+# weights-only fake-quant model ~4e-5 there (1e-13 with level 1). Verify compares weights exactly
+# either way (dequantize_onnx_weights).
 ACCURACY_LEVEL = 4
 ACCURACY_LEVEL_WHY = {
     0: "unset: the kernel's float32 compute",
-    1: "float32 activations: computes what the fake-quant model computes, slowest",
+    1: "float32 activations: computes what the weights-only fake-quant model computes, slowest",
     2: "float16 activations",
     3: "bfloat16 activations",
-    4: "int8 activations (per-block dynamic quantization of A): fastest CPU kernels, not modelled by QAT",
+    4: "int8 activations (per-block dynamic quantization of A): fastest CPU kernels",
 }
 
 
-def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int = 32,
-                fake_quant_state: dict | None = None, accuracy_level: int = ACCURACY_LEVEL,
+def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int = 32, symmetric: bool = True,
+                int8_per_channel: bool = False, accuracy_level: int = ACCURACY_LEVEL,
                 group_bits: dict | None = None) -> None:
     """Build the `fmt` ("onnx-int4" | "onnx-int8") folder for the HF Llama folder student_dir.
 
+    block_size: weights per scale along the input dim (a power of two >= 16; PER_CHANNEL = 0 for
+    one scale per output row). symmetric=False stores a zero point per block. int8_per_channel:
+    the INT8 tensors (all of onnx-int8, or groups widened to 8 bits) get one scale per row.
     `group_bits`: wider formats per tensor group (e.g. {"embed": 8}: the embedding and lm_head as
     8-bit blocks in an INT4 folder), see edgedistill.formats.tensor_format.
     """
     if fmt not in BITS:
         raise UserError(f"not an ONNX format: {fmt!r}; known: {', '.join(BITS)}")
-    if fake_quant_state is not None:
-        raise NotImplementedError("fake_quant_state is not supported yet")
     if accuracy_level not in ACCURACY_LEVEL_WHY:
         raise UserError(f"accuracy_level must be one of {sorted(ACCURACY_LEVEL_WHY)}, got {accuracy_level}")
+    schemes = group_schemes(fmt, block_size, symmetric, int8_per_channel, group_bits)
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     cfg = json.loads((student_dir / "config.json").read_text())
-    _check_blockable(cfg, block_size)
     bits, tied = BITS[fmt], bool(cfg.get("tie_word_embeddings", False))
-    bits_by_group = {g: BITS[tensor_format(fmt, g, group_bits)] for g in TENSOR_GROUPS}
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        _run_builder(student_dir, partial, bits, block_size, accuracy_level, tied)
-        _quantize_embedding(partial / MODEL_FILE, bits, block_size, tied)
-        if any(b != bits for b in bits_by_group.values()):
-            _requantize_groups(partial, student_dir, bits_by_group, block_size, tied)
+        _run_builder(student_dir, partial, bits, accuracy_level, tied)
+        _write_quantized(partial, student_dir, schemes, tied)
         info = {
-            "format": fmt, "bits": bits, "block_size": block_size, "symmetric": True,
+            "format": fmt, "bits": bits, "block_size": block_size, "symmetric": symmetric,
+            "int8_per_channel": int8_per_channel,
             "accuracy_level": accuracy_level, "accuracy_level_means": ACCURACY_LEVEL_WHY[accuracy_level],
             "tied_embeddings": tied, "quantized": "every decoder linear, the token embedding and the lm_head",
-            "group_bits": group_bits or {}, "bits_by_group": bits_by_group,
+            "group_bits": group_bits or {}, "bits_by_group": {g: BITS[s.fmt] for g, s in schemes.items()},
+            "scheme_by_group": {g: {"format": s.fmt, "block_size": s.block_size, "symmetric": s.symmetric}
+                                for g, s in schemes.items()},
+            "learned_scales": (student_dir / SCALES_FILE).is_file(),
             "builder": _versions(),
         }
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -97,28 +114,29 @@ def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int =
     _replace_dir(partial, out_dir)
 
 
-def _check_blockable(cfg: dict, block_size: int) -> None:
-    # Every quantized matrix is blocked along its input dim; a ragged last block would need padding
-    # that GatherBlockQuantized here does not handle, and GGUF rejects it anyway.
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    dims = {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
-            "attention width": head_dim * cfg["num_attention_heads"]}
-    bad = {k: v for k, v in dims.items() if v % block_size}
-    if bad:
-        raise UserError(f"ONNX export with block_size {block_size} needs multiples of it; got {bad}")
+def group_schemes(fmt: str, block_size: int, symmetric: bool, int8_per_channel: bool,
+                  group_bits: dict | None) -> dict[str, Scheme]:
+    """The storage scheme of each tensor group; raises UserError for a setting the runtime lacks."""
+    from edgedistill.distill.qat_onnx import block_for
+
+    block_for(block_size, 1)  # rejects a block size MatMulNBits cannot take
+    spec = QuantSpec(fmt, group_bits, block_size=block_size, symmetric=symmetric, int8_per_channel=int8_per_channel)
+    out = {group: spec.group_scheme(group) for group in TENSOR_GROUPS}
+    for group, scheme in out.items():
+        if scheme.fmt not in BITS:
+            raise UserError(f"tensor group {group!r}: {scheme.fmt} is not an ONNX format")
+    return out
 
 
-def _run_builder(student_dir: Path, out: Path, bits: int, block_size: int, accuracy_level: int,
-                 tied: bool) -> None:
+def _run_builder(student_dir: Path, out: Path, bits: int, accuracy_level: int, tied: bool) -> None:
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     opts = {
-        "block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": "true",
-        "algo_config": "default",  # the MLAS round-to-nearest rule that qat_onnx mirrors
-        "op_types_to_quantize": "MatMul/Gather", "shared_embeddings": str(tied).lower(),
+        "block_size": BUILDER_BLOCK, "accuracy_level": accuracy_level, "is_symmetric": "true",
+        "algo_config": "default", "op_types_to_quantize": "MatMul/Gather", "shared_embeddings": str(tied).lower(),
     }
     if not tied:
-        opts["nodes_to_exclude"] = EMBED_GATHER  # quantized by _quantize_embedding instead
+        opts["nodes_to_exclude"] = EMBED_GATHER  # replaced by _write_embedding, no use quantizing it
     precision = f"int{bits}"
     with tempfile.TemporaryDirectory(prefix="edgedistill-ortgenai-") as cache, _quiet():
         kv = parse_extra_options(None, str(student_dir), str(out), precision, "cpu", cache,
@@ -154,43 +172,6 @@ def _quiet():
                 sys.stderr.write(log.read().decode(errors="replace")[-20000:])
 
 
-def _quantize_embedding(model_path: Path, bits: int, block_size: int, tied: bool) -> None:
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(model_path)
-    graph = model.graph
-    gather = next((n for n in graph.node if n.name == EMBED_GATHER and n.op_type == "Gather"), None)
-    if gather is None:
-        return  # the builder already wrote GatherBlockQuantized (tied INT4)
-    inits = {t.name: t for t in graph.initializer}
-    emb_name = gather.input[0]
-    vocab, hidden = inits[emb_name].dims
-    new_nodes = []
-    if tied:
-        lm_head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/"))
-        qname, sname = lm_head.input[1], lm_head.input[2]
-        flat, shape = f"{qname}/flat", f"{qname}/flat_shape"
-        graph.initializer.append(numpy_helper.from_array(np.array([vocab, hidden * bits // 8], np.int64), shape))
-        new_nodes.append(helper.make_node("Reshape", [qname, shape], [flat], name="/model/embed_tokens/Reshape"))
-    else:
-        emb = numpy_helper.to_array(inits[emb_name]).astype(np.float32)
-        packed, scales = mlas_quantize(emb, bits, block_size)
-        flat, sname = f"{emb_name}_Q{bits}", f"{emb_name}_scales"
-        graph.initializer.extend([numpy_helper.from_array(packed.reshape(vocab, -1), flat),
-                                  numpy_helper.from_array(scales, sname)])
-    new_nodes.append(helper.make_node(
-        "GatherBlockQuantized", [flat, gather.input[1], sname], list(gather.output),
-        name="/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft",
-        bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1))
-    # Same position as the Gather it replaces, which keeps the node list topologically sorted.
-    nodes = [m for n in graph.node for m in (new_nodes if n is gather else [n])]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.remove(inits[emb_name])
-    _save(model, model_path)
-
-
 def _save(model, model_path: Path) -> None:
     import onnx
 
@@ -201,81 +182,173 @@ def _save(model, model_path: Path) -> None:
     shutil.copymode(model_path, data)  # onnx creates it owner-only; match the builder's files
 
 
-def _requantize_groups(folder: Path, student_dir: Path, bits_by_group: dict[str, int], block_size: int,
-                       tied: bool) -> None:
-    """Re-quantize, from the student's float weights, every matrix whose group wants other bits.
+# ---- writing the quantized tensors ---------------------------------------------------------------
 
-    MLAS quantizes each row of an [out, in] matrix on its own, so a fused qkv_proj (q, k, v stacked
-    along out) re-quantized from its stacked float parts holds exactly each part's own codes: every
-    group, fused or not, is the fake-quant of its HF tensors. A tied embedding reads the lm_head's
-    codes and scales through a Reshape, so only that Reshape's target shape changes for it.
-    """
+def _write_quantized(folder: Path, student_dir: Path, schemes: dict[str, Scheme], tied: bool) -> None:
+    """Replace every quantized initializer of the builder's graph with `quantize_named`'s."""
     import onnx
-    from onnx import numpy_helper
 
     model_path = folder / MODEL_FILE
     model = onnx.load(model_path)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    reshapes = {n.output[0]: n for n in graph.node if n.op_type == "Reshape"}
+    # torch tensors: quantize() works on them
+    weights = {k: torch.from_numpy(v) for k, v in load_float_weights(student_dir).items()}
+    learned = load_learned_scales(student_dir)
+    if tied and LM_HEAD_NAME in learned:  # one matrix, known by the embedding's name
+        learned.setdefault(EMBED_NAME, learned.pop(LM_HEAD_NAME))
     dims = _attention_dims(folder)
-    weights = load_float_weights(student_dir)
-    if tied:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-
-    def put(name: str, array: np.ndarray) -> None:
-        if name in inits:
-            inits[name].CopyFrom(numpy_helper.from_array(array, name))
-        else:
-            inits[name] = numpy_helper.from_array(array, name)
-            graph.initializer.append(inits[name])
-
-    for node in graph.node:
-        a = _attrs(node)
-        if node.op_type == "MatMulNBits":
-            rows = _hf_rows(node.name, a["N"], dims)
-            if rows is None:
-                raise ValueError(f"{node.name}: cannot tell which HF weights (and tensor group) it holds")
-            bits = bits_by_group[tensor_group(rows[0][0])]
-            if bits != a["bits"]:
-                w = np.concatenate([weights[name] for name, _ in rows])
-                packed, scales = mlas_quantize(w, bits, block_size)
-                put(node.input[1], packed)
-                put(node.input[2], scales.reshape(inits[node.input[2]].dims))
-                _set_bits(node, bits)
-        elif node.op_type == "GatherBlockQuantized":
-            bits = bits_by_group["embed"]
-            if bits == a["bits"]:
-                continue
-            reshape = reshapes.get(node.input[0])
-            if reshape is not None:  # tied: the codes are the lm_head's, re-quantized above or below
-                vocab, hidden = weights["model.embed_tokens.weight"].shape
-                reshape.input[1] = f"{reshape.input[0]}/flat_shape"
-                put(reshape.input[1], np.array([vocab, hidden * bits // 8], np.int64))
-            else:
-                packed, scales = mlas_quantize(weights["model.embed_tokens.weight"], bits, block_size)
-                put(node.input[0], packed.reshape(packed.shape[0], -1))
-                put(node.input[2], scales)
-            _set_bits(node, bits)
+    lm_head = None
+    for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
+        rows = _hf_rows(node.name, _attrs(node)["N"], dims)
+        if rows is None:
+            raise ValueError(f"{node.name}: cannot tell which HF weights (and tensor group) it holds")
+        names = [EMBED_NAME if tied and name == LM_HEAD_NAME else name for name, _ in rows]
+        scheme = schemes[tensor_group(names[0])]
+        q = _stack([quantize_named(name, weights[name], scheme, learned) for name in names])
+        _set_matmul(graph, node, q, scheme)
+        if names == [EMBED_NAME]:
+            lm_head = node
+    embed = quantize_named(EMBED_NAME, weights[EMBED_NAME], schemes["embed"], learned) if not tied else None
+    _write_embedding(graph, lm_head if tied else None, embed, schemes["embed"])
+    _drop_unused_initializers(graph)
     _save(model, model_path)
 
 
-def _set_bits(node, bits: int) -> None:
-    next(a for a in node.attribute if a.name == "bits").i = bits
+def _stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    if len(parts) == 1:
+        return parts[0]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           torch.cat([p.zero_point for p in parts]), parts[0].cols)
 
 
-def mlas_quantize(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """ORT's own blockwise quantizer on a [out, in] matrix: codes [out, blocks, bytes] and scales."""
-    from onnxruntime.capi import _pybind_state as ort_c
+def pack(codes: torch.Tensor | np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., n] as the runtime stores them: 4 bits two per byte, low nibble first.
 
-    rows, cols = w.shape
-    k_blocks = -(-cols // block_size)
-    packed = np.zeros((rows, k_blocks, block_size * bits // 8), np.uint8)
-    scales = np.zeros((rows, k_blocks), np.float32)
-    zero_points = np.zeros((rows, k_blocks), np.uint8)  # unused: symmetric
-    quantize = ort_c.quantize_matmul_8bits if bits == 8 else ort_c.quantize_matmul_4bits
-    quantize(packed, np.ascontiguousarray(w.T, np.float32), scales, zero_points, block_size, rows, cols, True)
-    return packed, scales
+    An odd n gets a high nibble of 8 (what MLAS writes after a last zero point)."""
+    q = np.asarray(codes, dtype=np.uint8)
+    if bits == 8:
+        return q
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.full(q.shape[:-1] + (1,), 8, np.uint8)], axis=-1)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The first n codes of each row [..., bytes] of `pack`'s layout."""
+    if bits == 4:
+        packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return packed[..., :n]
+
+
+def _put(graph, name: str, array: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    for t in graph.initializer:
+        if t.name == name:
+            t.CopyFrom(tensor)
+            return
+    graph.initializer.append(tensor)
+
+
+def _set_attr(node, name: str, value: int) -> None:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            a.i = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _set_input(node, index: int, name: str) -> None:
+    """Input `index` of node set to name ("" = absent), trailing absent inputs dropped."""
+    inputs = list(node.input) + [""] * (index + 1 - len(node.input))
+    inputs[index] = name
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    del node.input[:]
+    node.input.extend(inputs)
+
+
+def _bits(scheme: Scheme) -> int:
+    return BITS[scheme.fmt]
+
+
+def _set_matmul(graph, node, q: QuantizedWeight, scheme: Scheme) -> None:
+    a, bits = _attrs(node), _bits(scheme)
+    if q.cols != a["K"] or q.codes.shape[0] != a["N"]:
+        raise ValueError(f"{node.name}: quantized {tuple(q.codes.shape)} for K={a['K']}, N={a['N']}")
+    _put(graph, node.input[1], pack(q.codes, bits))
+    _put(graph, node.input[2], q.scale.numpy())
+    zp_name = ""
+    if not scheme.symmetric:
+        zp_name = f"{node.input[1]}_zero_points"
+        _put(graph, zp_name, pack(q.zero_point, bits))
+    _set_input(node, 3, zp_name)
+    _set_attr(node, "bits", bits)
+    _set_attr(node, "block_size", q.block)
+
+
+def _write_embedding(graph, lm_head, embed: QuantizedWeight | None, scheme: Scheme) -> None:
+    """Replace the builder's embedding node with GatherBlockQuantized on the stored codes.
+
+    Tied: the lm_head MatMulNBits' B [vocab, blocks, bytes] reshaped to [vocab, blocks * bytes],
+    its scales and zero points (GatherBlockQuantized's layout for them is MatMulNBits'). Untied:
+    `embed`'s codes in a table of its own, same layout. The table holds whole blocks; a Slice drops
+    the padding columns where the block does not divide hidden.
+    """
+    from onnx import helper
+
+    gather = next(n for n in graph.node if n.name.startswith(EMBED_PREFIX)
+                  and n.op_type in ("Gather", "GatherBlockQuantized"))
+    # the builder's tied INT4 table comes through a Reshape of the lm_head's codes
+    old = [n for n in graph.node if n.op_type == "Reshape" and n.output[0] == gather.input[0]] + [gather]
+    ids, out = gather.input[1], gather.output[0]
+    if lm_head is not None:
+        a = _attrs(lm_head)
+        vocab, hidden, block, bits = a["N"], a["K"], a["block_size"], a["bits"]
+        codes, scales = lm_head.input[1], lm_head.input[2]
+        zps = lm_head.input[3] if len(lm_head.input) > 3 else ""
+    else:
+        vocab, hidden, block, bits = embed.codes.shape[0], embed.cols, embed.block, _bits(scheme)
+        codes, scales = "model.embed_tokens.weight_codes", "model.embed_tokens.weight_scales"
+        _put(graph, codes, pack(embed.codes, bits))
+        _put(graph, scales, embed.scale.numpy())
+        zps = ""
+        if not scheme.symmetric:
+            zps = "model.embed_tokens.weight_zero_points"
+            _put(graph, zps, pack(embed.zero_point, bits))
+    width = -(-hidden // block) * block
+    flat, shape = f"{codes}/flat", f"{codes}/flat_shape"
+    _put(graph, shape, np.array([vocab, width * bits // 8], np.int64))
+    gathered = out if width == hidden else f"{EMBED_PREFIX}GatherBlockQuantized/padded"
+    nodes = [
+        helper.make_node("Reshape", [codes, shape], [flat], name=EMBED_PREFIX + "Reshape"),
+        helper.make_node("GatherBlockQuantized", [flat, ids, scales] + ([zps] if zps else []), [gathered],
+                         name=EMBED_PREFIX + "GatherBlockQuantized", domain="com.microsoft",
+                         bits=bits, block_size=block, gather_axis=0, quantize_axis=1),
+    ]
+    if width != hidden:
+        ends = f"{EMBED_PREFIX}Slice/ends"
+        _put(graph, ends, np.array([hidden], np.int64))
+        _put(graph, f"{EMBED_PREFIX}Slice/starts", np.array([0], np.int64))
+        _put(graph, f"{EMBED_PREFIX}Slice/axes", np.array([-1], np.int64))
+        nodes.append(helper.make_node("Slice", [gathered, f"{EMBED_PREFIX}Slice/starts", ends,
+                                                f"{EMBED_PREFIX}Slice/axes"], [out], name=EMBED_PREFIX + "Slice"))
+    # In place of the node(s) they replace, which keeps the node list topologically sorted.
+    first = min(i for i, n in enumerate(graph.node) if n in old)
+    kept = [n for n in graph.node if n not in old]
+    del graph.node[:]
+    graph.node.extend(kept[:first] + nodes + kept[first:])
+
+
+def _drop_unused_initializers(graph) -> None:
+    # The builder's float embedding table and its replaced codes would otherwise stay in the file.
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -306,9 +379,11 @@ def read_info(folder: Path) -> dict:
 def dequantize_onnx_weights(out_dir: Path) -> dict[str, np.ndarray]:
     """Every quantized matrix of an exported folder, dequantized to float32 [out, in], by HF name.
 
-    MatMulNBits weights map to their HF linears (a fused qkv_proj is split back into q/k/v); the
-    GatherBlockQuantized table is model.embed_tokens.weight; a tied lm_head, being that same
-    matrix, is not repeated. A node that cannot be named keeps its ONNX initializer name.
+    (code - zero point) * scale per block, with each node's own bits, block size and zero points
+    (the implicit 8 / 128 where it stores none). MatMulNBits weights map to their HF linears (a
+    fused qkv_proj is split back into q/k/v); the GatherBlockQuantized table is
+    model.embed_tokens.weight; a tied lm_head, being that same matrix, is not repeated. A node that
+    cannot be named keeps its ONNX initializer name.
     """
     import onnx
     from onnx import numpy_helper
@@ -322,8 +397,10 @@ def dequantize_onnx_weights(out_dir: Path) -> dict[str, np.ndarray]:
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
-    dims = _attention_dims(out_dir)
+    def zero_points(node) -> np.ndarray | None:
+        return arr(node.input[3]) if len(node.input) > 3 and node.input[3] else None
 
+    dims = _attention_dims(out_dir)
     result: dict[str, np.ndarray] = {}
     embed_source = None
     for node in graph.node:
@@ -336,20 +413,16 @@ def dequantize_onnx_weights(out_dir: Path) -> dict[str, np.ndarray]:
         if inits[embed_source].data_type != onnx.TensorProto.UINT8:
             # INT4/UINT4-typed tables (ORT's own Gather quantizer) have other zero-point defaults
             raise ValueError(f"{embed_source}: expected packed uint8 codes")
-        q = arr(embed_source).reshape(-1)
-        vocab = arr(node.input[2]).shape[0]
-        zp = arr(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        result["model.embed_tokens.weight"] = _dequant(q, arr(node.input[2]), zp, a["bits"], a["block_size"], vocab)
+        scales = arr(node.input[2])
+        codes = arr(embed_source).reshape(scales.shape[0], -1)
+        result[EMBED_NAME] = _dequant(codes, scales, zero_points(node), a["bits"], a["block_size"], dims["hidden"])
 
     for node in graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
+        if node.op_type != "MatMulNBits" or node.input[1] == embed_source:
+            continue  # a tied lm_head was returned as the embedding
         a = _attrs(node)
-        if node.input[1] == embed_source:
-            continue  # tied lm_head: already returned as the embedding
-        zp = arr(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        w = _dequant(arr(node.input[1]).reshape(-1), arr(node.input[2]), zp, a["bits"], a["block_size"], a["N"])
-        w = w[:, : a["K"]]
+        codes = arr(node.input[1]).reshape(a["N"], -1)
+        w = _dequant(codes, arr(node.input[2]), zero_points(node), a["bits"], a["block_size"], a["K"])
         result.update(_hf_names(node.name, node.input[1], w, dims))
     return result
 
@@ -361,25 +434,28 @@ def _attrs(node) -> dict:
 
 
 def _dequant(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
-             block_size: int, rows: int) -> np.ndarray:
-    """(code - zp) * scale for row-major codes [rows, blocks * block_size], low nibble first."""
-    if bits == 4:
-        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(-1)
-    q = codes.reshape(rows, -1, block_size).astype(np.float32)
-    scales = scales.reshape(rows, -1, 1).astype(np.float32)
+             block_size: int, cols: int) -> np.ndarray:
+    """(code - zp) * scale in float32 [rows, cols] for packed codes [rows, bytes] and scales [rows * blocks].
+
+    Computed as QuantizedWeight.dequantize does, so that equal stored values give equal arrays."""
+    rows = codes.shape[0]
+    scales = scales.reshape(rows, -1).astype(np.float32)
+    blocks = scales.shape[1]
+    q = unpack(codes, bits, blocks * block_size)
+    if q.shape[1] < blocks * block_size:  # a table without its last block's padding
+        q = np.pad(q, ((0, 0), (0, blocks * block_size - q.shape[1])))
+    q = q.reshape(rows, blocks, block_size).astype(np.float32)
     if zero_points is None:
-        zp = np.float32(1 << (bits - 1))
+        zp = np.full((rows, blocks), 1 << (bits - 1), np.float32)
     else:
-        zp = zero_points.reshape(rows, -1)
-        if bits == 4:
-            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(rows, -1)
-        zp = zp[:, : q.shape[1], None].astype(np.float32)
-    return ((q - zp) * scales).reshape(rows, -1)
+        zp = unpack(zero_points.reshape(rows, -1), bits, blocks).astype(np.float32)
+    return ((q - zp[:, :, None]) * scales[:, :, None]).reshape(rows, -1)[:, :cols]
 
 
 def _attention_dims(out_dir: Path) -> dict:
     dec = json.loads((out_dir / "genai_config.json").read_text())["model"]["decoder"]
-    return {"q": dec["num_attention_heads"] * dec["head_size"], "kv": dec["num_key_value_heads"] * dec["head_size"]}
+    return {"q": dec["num_attention_heads"] * dec["head_size"], "kv": dec["num_key_value_heads"] * dec["head_size"],
+            "hidden": dec["hidden_size"]}
 
 
 def _hf_rows(node_name: str, rows: int, dims: dict) -> list[tuple[str, int]] | None:

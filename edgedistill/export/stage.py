@@ -30,7 +30,10 @@ def run(ctx) -> dict:
                 export_gguf(student_dir, out, name, tokenizer_gguf=Path(tokenizer_gguf) if tokenizer_gguf else None,
                             group_bits=group_bits)
             else:
-                export_onnx(student_dir, out, name, block_size=ctx.cfg.export.onnx_block_size, group_bits=group_bits)
+                e = ctx.cfg.export
+                export_onnx(student_dir, out, name, block_size=e.onnx_block_size, symmetric=e.onnx_symmetric,
+                            int8_per_channel=e.onnx_int8_per_channel, accuracy_level=e.onnx_accuracy_level,
+                            group_bits=group_bits)
             artifacts[name] = {"file": fmt.artifact_name, "bytes": artifact_bytes(out), "group_bits": group_bits or {}}
             advance()
     return {"artifacts": artifacts}
