@@ -151,6 +151,22 @@ def test_a_failed_budget_exits_1_and_the_report_says_why(tmp_path, tiny_teacher_
     assert "decode" in res.stderr
 
 
+def test_learned_scales_and_asymmetric_onnx_blocks_pass_the_gate(tmp_path, tiny_teacher_dir, small_prompts):
+    out = tmp_path / "out"
+    cfg = fast_config(tmp_path, out, tiny_teacher_dir, small_prompts)
+    res = cli("build", "--config", cfg, "--no-progress", "--learn-scales", "--onnx-block-size", "64",
+              "--onnx-asymmetric", "--onnx-int8-per-channel")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "phone-4gb" / "student" / "quant_scales.safetensors").is_file()
+    report = json.loads((out / "phone-4gb" / "report.json").read_text())
+    for art in report["artifacts"]:
+        gate = [c for c in art["checks"] if c["name"].startswith("parity_")]
+        assert len(gate) == 3 and all(c["ok"] for c in gate), (art["file"], gate)
+        assert art["parity"]["weights"]["max_abs_diff"] == 0.0
+    info = json.loads((out / "phone-4gb" / "onnx-int4" / "edgedistill_onnx.json").read_text())
+    assert info["symmetric"] is False and info["block_size"] == 64
+
+
 def test_a_corrupted_artifact_fails_the_parity_gate_with_exit_1(tmp_path, tiny_teacher_dir, small_prompts, tiny_build):
     import shutil
 
