@@ -263,3 +263,19 @@ def test_learned_scales_resume_bit_identically_and_only_trained_ones_are_kept(tm
     never = TrainConfig(**RESUME, qat=spec, qat_start_step=RESUME["steps"])
     assert not distill(tiny_llama(1, layers=1, hidden=32), teacher, data, never, tmp_path / "c",
                        progress=False)["qat_ran"]
+
+
+def test_noise_floor_is_the_mean_over_three_last_bit_perturbations():
+    from test_distill import tiny_llama
+
+    from edgedistill.verify import _logits, noise_floor
+
+    model = tiny_llama(0, layers=2, hidden=64)
+    seqs = [list(range(5, 40)), list(range(60, 90))]
+    plain = qat.fake_quant_model_copy(model, qat.QuantSpec("gguf-q4_0")).eval()
+    calm = noise_floor(plain, _logits(plain, seqs), seqs)
+    assert len(calm["realisations"]) == 3 and calm["positions"] == 65
+    assert calm["kl"] < 1e-8  # float activations: last-bit changes stay last-bit
+    rounded = qat.fake_quant_model_copy(model, qat.QuantSpec("gguf-q4_0", act=True)).eval()
+    chaotic = noise_floor(rounded, _logits(rounded, seqs), seqs)
+    assert chaotic["kl"] > 100 * calm["kl"]  # int8 activation codes flip and the flips propagate
