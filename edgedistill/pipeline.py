@@ -209,6 +209,11 @@ def publish(out: Path, target: TargetProfile, files: dict[str, Path]) -> Path:
 
 
 def _link_or_copy(src, dst) -> None:
+    if str(src).endswith(".data"):
+        # onnx refuses to load external tensor data from a file with more than one hard link (a
+        # guard against data files swapped under a model), so ONNX weights are copied, not linked
+        shutil.copy2(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:

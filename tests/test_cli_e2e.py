@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from edgedistill.targets import TARGETS_DIR
@@ -92,6 +93,9 @@ def test_build_succeeds_and_writes_every_artifact(tiny_build):
         manifest = json.loads((folder / "manifest.json").read_text())
         assert {f["file"] for f in manifest["files"]} >= {a["file"] for a in report["artifacts"]}
         assert (folder / "student" / "config.json").is_file()
+        # the published ONNX folder and the stage's own copy both load with their external data
+        onnx.load(str(folder / "onnx-int4" / "model.onnx"))
+        onnx.load(str(next((out / ".stages").glob("export-*/onnx-int4/model.onnx"))))
     assert not list(out.rglob("*.partial")), "a finished build leaves no partial files"
 
 
