@@ -279,3 +279,4 @@ def test_noise_floor_is_the_mean_over_three_last_bit_perturbations():
     rounded = qat.fake_quant_model_copy(model, qat.QuantSpec("gguf-q4_0", act=True)).eval()
     chaotic = noise_floor(rounded, _logits(rounded, seqs), seqs)
     assert chaotic["kl"] > 100 * calm["kl"]  # int8 activation codes flip and the flips propagate
+    assert all(r["kl"] > 0 for r in chaotic["realisations"])  # each perturbation reaches the codes
