@@ -45,7 +45,7 @@ STAGES: list[Stage] = [
           reads=("export",), version=3),
     Stage("verify", verify.run, after={"teacher": None, "distill": None, "data": None, "export": None,
                                        "plan": "student"},
-          reads=("eval.verify_tokens", "eval.parity_top1", "eval.parity_kl", "export"), version=5),
+          reads=("eval.verify_tokens", "eval.parity_top1", "eval.parity_kl", "export"), version=6),
     Stage("profile", profile_stage.run, after={"data": None, "export": None},
           reads=("eval.profile_new_tokens", "eval.profile_repeats", "target.budget.prompt_tokens")),
     Stage("budget", budget.run, after={"plan": None, "export": None}, reads=("target",)),

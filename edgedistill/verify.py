@@ -114,9 +114,9 @@ def bounds(parity: dict, top1_min: float, kl_max: float) -> dict:
     build on the same text), and the bounds are the configured ones or that floor, whichever is
     wider, within MAX_WIDENING_* of the configured ones (0.90 and 1e-2 by default):
 
-    - KL: NOISE_FLOOR_KL_FACTOR times the floor's mean KL (a stable statistic: measured runtime/floor
+    - KL: NOISE_FLOOR_KL_FACTOR times the floor's KL (a stable statistic: measured runtime/floor
       ratios 1.0-1.2 for all four formats on the default build);
-    - top-1: the floor's mean less TOP1_SIGMAS standard errors of the difference of two agreement
+    - top-1: the floor's less TOP1_SIGMAS standard errors of the difference of two agreement
       rates, counting half the positions as independent (next-token errors cluster within a
       sequence; measured runtime-minus-floor differences spread about 1.4x the binomial figure).
 
@@ -125,28 +125,31 @@ def bounds(parity: dict, top1_min: float, kl_max: float) -> dict:
     floor = parity.get("noise_floor")
     if not floor:
         return {"top1_min": top1_min, "kl_max": kl_max, "basis": "configured (eval.parity_top1, eval.parity_kl)"}
-    p, n, k = floor["top1_agreement"], floor["positions"], len(floor.get("realisations") or [floor])
-    sigma = (p * (1 - p) / (n / 2)) ** 0.5 * (1 + 1 / k) ** 0.5
+    p, n = floor["top1_agreement"], floor["positions"]
+    sigma = (2 * p * (1 - p) / (n / 2)) ** 0.5
     # ... but never past a ceiling: a floor that high means the student itself is too fragile to check
     top1 = max(p - TOP1_SIGMAS * sigma, top1_min - MAX_WIDENING_TOP1)
     kl = min(NOISE_FLOOR_KL_FACTOR * floor["kl"], kl_max * MAX_WIDENING_KL)
     return {"top1_min": min(top1_min, top1), "kl_max": max(kl_max, kl),
-            "basis": f"configured ({top1_min}, {kl_max}) or the reference's own noise floor over {k} last-bit "
-                     f"perturbations (top-1 {p:.4f} less {TOP1_SIGMAS} standard errors, KL {floor['kl']:.3g} x "
+            "basis": f"configured ({top1_min}, {kl_max}) or the reference's own noise floor, the worst of three "
+                     f"last-bit perturbations (top-1 {p:.4f} less {TOP1_SIGMAS} standard errors, KL {floor['kl']:.3g} x "
                      f"{NOISE_FLOOR_KL_FACTOR}), whichever is wider: the runtime rounds activations to int8"}
 
 
 def noise_floor(reference: torch.nn.Module, ref_logits: np.ndarray, seqs: list[list[int]]) -> dict:
     """How well the reference agrees with itself under last-bit perturbations: run in float64, and
     with each input embedding value moved by a seeded random ~2 float32 ulps (per value: a common
-    scale would cancel in the first RMSNorm). Mean over the three."""
+    scale would cancel in the first RMSNorm). The worst of the three."""
     runs = [logit_agreement(ref_logits, _logits(copy.deepcopy(reference).double(), seqs))]
     for seed in (1, 2):
         perturbed = copy.deepcopy(reference)
         perturbed.get_input_embeddings().register_forward_hook(_ulp_noise(seed))
         runs.append(logit_agreement(ref_logits, _logits(perturbed, seqs)))
-    return {"top1_agreement": float(np.mean([r["top1_agreement"] for r in runs])),
-            "kl": float(np.mean([r["kl"] for r in runs])), "positions": runs[0]["positions"], "realisations": runs}
+    # the worst of them: a runtime changes the rounding of every operation, as float64 does, while
+    # a nudge to the input alone may stay below the rounding boundaries for a while (measured:
+    # Q4_0 floor KL 1.7e-3 in float64, 5e-4 and 7e-4 under the input nudges)
+    return {"top1_agreement": min(r["top1_agreement"] for r in runs), "kl": max(r["kl"] for r in runs),
+            "positions": runs[0]["positions"], "realisations": runs}
 
 
 def gate(parity: dict, top1_min: float, kl_max: float) -> list[dict]:
