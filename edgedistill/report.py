@@ -225,8 +225,9 @@ def _parity_text(p: dict) -> str:
                  f"KL {_f(w['kl'])}")
     floor = p.get("noise_floor")
     if floor:
-        text += (f"; the reference against itself in float64 (its noise floor: the runtime rounds activations to int8): "
-                 f"top-1 {_pct(floor['top1_agreement'])}, KL {_f(floor['kl'])}")
+        text += (f"; the reference against itself under last-bit perturbations, the worst of "
+                 f"{len(floor.get('realisations') or [floor])} (its noise floor: the runtime rounds activations to "
+                 f"int8): top-1 {_pct(floor['top1_agreement'])}, KL {_f(floor['kl'])}")
     weights = p.get("weights") or {}
     if weights.get("tensors_compared"):
         text += (f". Weights read back from the file: {weights['tensors_compared']} tensors, largest difference "
