@@ -85,7 +85,6 @@ def main() -> None:
     from edgedistill.pipeline import Session, run_target
     from edgedistill.stages import STAGES
     from edgedistill.targets import load_target
-    from edgedistill.verify import runtime_quantizes_activations
 
     # every module the run will need, loaded now: the run takes most of an hour, and a module loaded
     # late would come from a working tree that may have moved on
@@ -115,7 +114,7 @@ def main() -> None:
         student = AutoModelForCausalLM.from_pretrained(records["init"].path("student"), dtype=torch.float32)
         spec = None
         if fmt is not None:
-            spec = quant_spec(cfg, fmt, group_bits, act=act and runtime_quantizes_activations(fmt, cfg.export))
+            spec = quant_spec(cfg, fmt, group_bits, act=act)
         t0 = time.perf_counter()
         result = distill(student, teacher, train, train_config(d, d.steps, spec, cfg.seed), folder / "run",
                          resume=True, progress=False)

@@ -78,17 +78,13 @@ def weight_parity(artifact: Path, fmt: str, reference: torch.nn.Module) -> dict:
     ulps of the tensor's largest value (FLOAT32_SLACK), far below any one code step. A quantized
     tensor missing from the file, or of another shape, fails too.
     """
-    from edgedistill.distill.qat import quantized_modules
+    from edgedistill.distill.qat import quantized_weight_names
     from edgedistill.export.gguf import dequantize_gguf_tensors
     from edgedistill.export.onnx import dequantize_onnx_weights
 
     weights = (dequantize_gguf_tensors if FORMATS[fmt].runtime == "llamacpp" else dequantize_onnx_weights)(artifact)
     state = reference.state_dict()
-    expected, seen = [], set()
-    for name, module in quantized_modules(reference):
-        if id(module.weight) not in seen:  # a tied lm_head is the embedding's matrix
-            seen.add(id(module.weight))
-            expected.append(f"{name}.weight")
+    expected = quantized_weight_names(reference)
     ref = {k: state[k].detach().float().numpy() for k in expected}
     missing = [k for k in expected if k not in weights or weights[k].shape != ref[k].shape]
     present = [k for k in expected if k not in missing]
@@ -188,11 +184,6 @@ def _ulp_noise(seed: int):
     return hook
 
 
-def runtime_quantizes_activations(fmt: str, export_cfg) -> bool:
-    """llama.cpp's CPU Q4_0/Q8_0 kernels always do; MatMulNBits does at accuracy_level 4."""
-    return FORMATS[fmt].runtime == "llamacpp" or export_cfg.onnx_accuracy_level == 4
-
-
 def _logits(model: torch.nn.Module, seqs: list[list[int]]) -> np.ndarray:
     with torch.inference_mode():
         return np.concatenate([model(torch.tensor([ids])).logits[0].float().numpy() for ids in seqs])
@@ -215,8 +206,8 @@ def run(ctx) -> dict:
     with task_progress("verify", len(artifacts), ctx.session.progress) as advance:
         for fmt, art in artifacts.items():
             path = ctx["export"].path(art["file"])
-            act = runtime_quantizes_activations(fmt, ctx.cfg.export)
-            spec = quant_spec(ctx.cfg, fmt, group_bits, act=act)
+            spec = quant_spec(ctx.cfg, fmt, group_bits, act=True)
+            act = spec.act  # the runtime rounds activations
             reference = fake_quant_model_copy(student, spec, learned=learned).eval()
             runner = load_runner(path, fmt)
             try:
@@ -227,11 +218,12 @@ def run(ctx) -> dict:
                 runner.close()
             ref_logits = _logits(reference, seqs)
             parity = logit_agreement(ref_logits, got)
-            if act:  # how well the reference matches itself under last-bit changes: see bounds()
-                parity["noise_floor"] = noise_floor(reference, ref_logits, seqs)
             parity["reference"] = ("fake-quant weights and the runtime's int8 activation rounding" if act
                                    else "fake-quant weights, float activations (as the runtime computes)")
-            if act:  # what modelling the activations buys, measured: the same runtime logits, weights-only reference
+            if act:
+                # how well the reference matches itself under last-bit changes (see bounds()), and what
+                # modelling the activations buys: the same runtime logits against a weights-only reference
+                parity["noise_floor"] = noise_floor(reference, ref_logits, seqs)
                 weights_only = fake_quant_model_copy(student, quant_spec(ctx.cfg, fmt, group_bits, act=False),
                                                      learned=learned).eval()
                 parity["weights_only_reference"] = logit_agreement(_logits(weights_only, seqs), got)

@@ -94,6 +94,11 @@ def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
     return owners
 
 
+def quantized_weight_names(model: nn.Module) -> list[str]:
+    """HF names of the quantized matrices, each once (a tied lm_head is the embedding's matrix)."""
+    return [f"{name}.weight" for name, _ in _owners(model).values()]
+
+
 def _master(module: nn.Module) -> Tensor:
     if parametrize.is_parametrized(module, "weight"):
         return module.parametrizations.weight.original

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from edgedistill.data.teacher_answers import read_jsonl
 from edgedistill.distill.qat import QuantSpec, learned_scales
 from edgedistill.distill.quantized import save_learned_scales
 from edgedistill.distill.trainer import TrainConfig, distill
+from edgedistill.formats import FORMATS
 from edgedistill.measure.quality import evaluate, teacher_targets
 from edgedistill.progressive import split_steps
 
@@ -19,23 +18,27 @@ def load_student(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def quant_spec(cfg, fmt: str, group_bits: dict | None, *, act: bool) -> QuantSpec:
-    """How the build's artifact of `fmt` stores its weights (the export section), as QAT and verify model it."""
+def runtime_quantizes_activations(fmt: str, export_cfg) -> bool:
+    """llama.cpp's CPU Q4_0/Q8_0 kernels always do; MatMulNBits does at accuracy_level 4."""
+    return FORMATS[fmt].runtime == "llamacpp" or export_cfg.onnx_accuracy_level == 4
+
+
+def quant_spec(cfg, fmt: str, group_bits: dict | None, *, act: bool, learn_scales: bool = False) -> QuantSpec:
+    """How the build's artifact of `fmt` stores its weights (the export section), as QAT and verify
+    model it; act=True models the activation rounding where the artifact's runtime does it."""
     e = cfg.export
     return QuantSpec(fmt, group_bits or None, block_size=e.onnx_block_size, symmetric=e.onnx_symmetric,
-                     int8_per_channel=e.onnx_int8_per_channel, act=act)
+                     int8_per_channel=e.onnx_int8_per_channel, act=act and runtime_quantizes_activations(fmt, e),
+                     learn_scales=learn_scales)
 
 
 def qat_spec(cfg, plan_student: dict) -> QuantSpec | None:
     """What the distill stage trains against: the plan's QAT format, activations modelled when asked."""
-    from edgedistill.verify import runtime_quantizes_activations
-
     fmt = plan_student["qat_format"]
     if not cfg.distill.qat or fmt is None:
         return None
-    act = cfg.distill.qat_activations and runtime_quantizes_activations(fmt, cfg.export)
-    spec = quant_spec(cfg, fmt, plan_student.get("group_bits"), act=act)
-    return replace(spec, learn_scales=cfg.distill.qat_learn_scales)
+    return quant_spec(cfg, fmt, plan_student.get("group_bits"), act=cfg.distill.qat_activations,
+                      learn_scales=cfg.distill.qat_learn_scales)
 
 
 def train_config(d, steps: int, qat: QuantSpec | None, seed: int) -> TrainConfig:

@@ -202,9 +202,9 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     if cfg.qat and cfg.qat.learn_scales:
         init_learned_scales(student, cfg.qat)  # in the optimizer and the checkpoints from the start
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    decayed = [p for n, p in params if p.dim() >= 2 and not n.endswith(SCALE)]
-    groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
-              {"params": [p for _, p in params if not any(p is q for q in decayed)], "weight_decay": 0.0}]
+    decayed = {n for n, p in params if p.dim() >= 2 and not n.endswith(SCALE)}
+    groups = [{"params": [p for n, p in params if n in decayed], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     model = accelerator.unwrap_model(student)
