@@ -180,9 +180,15 @@ def test_a_corrupted_artifact_fails_the_parity_gate_with_exit_1(tmp_path, tiny_t
     _, shared_out, _ = tiny_build
     out = tmp_path / "out"
     shutil.copytree(shared_out / ".stages", out / ".stages")
-    for verify in (out / ".stages").glob("verify-*"):  # verify must look at the file again
-        shutil.rmtree(verify)
-    path = next((out / ".stages").glob("export-*/model-q4_0.gguf"))
+    # verify must look at the file again, and report must read the new verdict (stage keys follow the
+    # config, not the files)
+    for stale in [*(out / ".stages").glob("verify-*"), *(out / ".stages").glob("report-*")]:
+        shutil.rmtree(stale)
+    # the export phone-4gb published (the shared folder also holds other targets' exports)
+    published = shared_out / "phone-4gb" / "model-q4_0.gguf"
+    export = next(p.parent.name for p in (shared_out / ".stages").glob("export-*/model-q4_0.gguf")
+                  if p.samefile(published))
+    path = out / ".stages" / export / "model-q4_0.gguf"
     tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.attn_output.weight")
     with open(path, "r+b") as f:  # the first block's fp16 scale, scaled by 1.5
         f.seek(tensor.data_offset)
