@@ -114,7 +114,7 @@ def _probe(stages, session: Session, target: TargetProfile, plan: dict) -> list[
     return states
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Our stages draw their own progress; the libraries' per-file bars and notices would drown it."""
     from transformers.utils import logging as hf_logging
 
@@ -127,7 +127,7 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
           console: Console | None = None) -> int:
     """Exit code: 0 every check met, 1 a budget or parity check failed (artifacts and report kept)."""
     console = console or Console(stderr=True)
-    _quiet_libraries()
+    quiet_libraries()
     targets = [load_target(t) for t in cfg.targets]
     teacher_mod.resolve(cfg.teacher)  # bad teacher input fails here, before anything is written
     for f in cfg.data.prompts:

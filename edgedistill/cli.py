@@ -128,6 +128,26 @@ def report(folder: Path = typer.Argument(..., help="OUT/<target> folder holding 
     Console().print(f"rendered {folder / 'report.md'} and {folder / 'report.html'}")
 
 
+@app.command()
+def verify(
+    folder: Path = typer.Argument(..., help="a build's OUT/<target> folder (holds manifest.json)"),
+    parity: bool = typer.Option(True, "--parity/--files-only",
+                                help="also re-run the parity gate in each artifact's runtime (default), or check files only"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Check a published folder: every file against manifest.json (sha256, size, nothing missing or
+    added), then the parity gate again. Exit 0 all good, 1 a file or check failed, 2 not a build folder."""
+    from edgedistill.verify import print_result, verify_published
+
+    result = verify_published(folder, parity=parity, progress=progress)
+    if json_out:
+        Console().print_json(data=result)
+    else:
+        print_result(result, Console(width=max(Console().width, 110)))
+    raise typer.Exit(0 if result["ok"] else 1)
+
+
 def main() -> None:
     debug = os.environ.get("EDGEDISTILL_DEBUG") == "1"
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 from edgedistill import atomic
 from edgedistill.budget import fmt_num, fmt_pct
 from edgedistill.errors import UserError
+from edgedistill.export.manifest import MANIFEST, MANIFEST_VERSION, entries
 
 SCHEMA_VERSION = 1
 JSON_NAME, MD_NAME, HTML_NAME = "report.json", "report.md", "report.html"
@@ -748,12 +749,7 @@ def run(ctx) -> dict:
         "config_hash": ctx.cfg.section_hash("teacher", "plan", "data", "distill", "export", "eval", "seed"),
     }
     write_reports(report, ctx.dir)
-    manifest = {
-        "target": ctx.target.name, "teacher": teacher["id"], "config_hash": report["config_hash"],
-        "files": [{"file": a["file"], "format": a["format"], "bytes": a["bytes"], "sha256": a["sha256"]}
-                  for a in artifacts],
-    }
-    atomic.write_json(ctx.dir / "manifest.json", manifest)
+    atomic.write_json(ctx.dir / MANIFEST, manifest_for(report, ctx.upstream, ctx.dir / JSON_NAME))
     failed = [f"{a['file']}: {c.get('message') or c['name']}" for a in artifacts for c in a["checks"] if not c["ok"]]
     return {"ok": ok, "failed": failed}
 
@@ -793,11 +789,44 @@ def _artifact_sha256(export, name: str) -> str:
     return h.hexdigest()
 
 
-def files_to_publish(records: dict) -> dict[str, Path]:
-    """What lands in OUT/<target>/: the student, each artifact, the manifest and the reports."""
-    files = {"student": records["distill"].path("student")}
+def published_sources(records: dict) -> dict[str, Path]:
+    """What the build's stages publish into OUT/<target>/ (name -> stage file or folder), reports aside."""
+    from edgedistill.verify import TOKENS_FILE
+
+    files = {"student": records["distill"].path("student"), TOKENS_FILE: records["verify"].path(TOKENS_FILE)}
     for art in records["export"].summary["artifacts"].values():
         files[art["file"]] = records["export"].path(art["file"])
-    for name in ("manifest.json", JSON_NAME, MD_NAME, HTML_NAME):
+    return files
+
+
+def files_to_publish(records: dict) -> dict[str, Path]:
+    """What lands in OUT/<target>/: the student, each artifact, the parity tokens, the manifest and the reports."""
+    files = published_sources(records)
+    for name in (MANIFEST, JSON_NAME, MD_NAME, HTML_NAME):
         files[name] = records["report"].path(name)
     return files
+
+
+def manifest_for(report: dict, upstream: dict, report_json: Path) -> dict:
+    """manifest.json (export/manifest.py): every published file with size and sha256, and per artifact
+    what `edgedistill verify` needs to re-run the parity gate on the published folder alone."""
+    from edgedistill.formats import FORMATS
+
+    verify = upstream["verify"].summary
+    known = {rec.path(rel).resolve(): sha for rec in upstream.values() for rel, sha in rec.outputs.items()}
+    artifacts = []
+    for a in report["artifacts"]:
+        parity = a["parity"]
+        artifacts.append({
+            "file": a["file"], "format": a["format"], "runtime": FORMATS[a["format"]].runtime, "bytes": a["bytes"],
+            "sha256": a["sha256"], "context": report["student"]["context"], "quant": parity["quant"],
+            "parity": {"top1_agreement": parity["top1_agreement"], "kl": parity["kl"],
+                       "weights_ok": parity["weights"]["ok"]},
+        })
+    return {
+        "manifest_version": MANIFEST_VERSION, "target": report["target"], "teacher": report["teacher"]["id"],
+        "config_hash": report["config_hash"], "edgedistill_version": report["edgedistill_version"],
+        "student": "student", "artifacts": artifacts,
+        "parity": {"tokens_file": verify["tokens_file"], **verify["bounds"]},
+        "files": entries(published_sources(upstream) | {JSON_NAME: report_json}, known),
+    }

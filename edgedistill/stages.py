@@ -45,11 +45,11 @@ STAGES: list[Stage] = [
           reads=("export",), version=3),
     Stage("verify", verify.run, after={"teacher": None, "distill": None, "data": None, "export": None,
                                        "plan": "student"},
-          reads=("eval.verify_tokens", "eval.parity_top1", "eval.parity_kl", "export"), version=6),
+          reads=("eval.verify_tokens", "eval.parity_top1", "eval.parity_kl", "export"), version=7),
     Stage("profile", profile_stage.run, after={"data": None, "export": None},
           reads=("eval.profile_new_tokens", "eval.profile_repeats", "target.budget.prompt_tokens")),
     Stage("budget", budget.run, after={"plan": None, "export": None}, reads=("target",)),
     Stage("report", report.run, after={"teacher": None, "plan": None, "data": None, "init": None, "distill": None,
                                        "export": None, "verify": None, "profile": None, "budget": None},
-          reads=("target",), version=2),
+          reads=("target",), version=3),
 ]

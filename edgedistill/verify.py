@@ -189,48 +189,152 @@ def _logits(model: torch.nn.Module, seqs: list[list[int]]) -> np.ndarray:
         return np.concatenate([model(torch.tensor([ids])).logits[0].float().numpy() for ids in seqs])
 
 
-def run(ctx) -> dict:
+TOKENS_FILE = "verify_tokens.json"  # the held-out sequences the gate ran on, published for `edgedistill verify`
+
+
+def check_artifact(path: Path, fmt: str, student: torch.nn.Module, learned: dict | None, spec, tokens: dict,
+                   tok, *, top1_min: float, kl_max: float) -> dict:
+    """The parity gate for one artifact: its runtime's logits on tokens["sequences"] and its weights
+    against the fake-quant student of `spec` (the artifact's quantization, act=True where the runtime
+    rounds activations); the figures, the gate's checks and a sample reply to tokens["prompt"]."""
+    from dataclasses import replace
+
     from edgedistill.distill.qat import fake_quant_model_copy
+    from edgedistill.runtime import load_runner
+
+    reference = fake_quant_model_copy(student, spec, learned=learned).eval()
+    seqs, prompt = tokens["sequences"], tokens["prompt"]
+    runner = load_runner(path, fmt)
+    try:
+        got = np.concatenate([runner.logits(ids) for ids in seqs])
+        gen = runner.generate(prompt, 32, stop_ids=[tok.eos_token_id])
+    finally:
+        runner.close()
+    ref_logits = _logits(reference, seqs)
+    parity = logit_agreement(ref_logits, got)
+    parity["reference"] = ("fake-quant weights and the runtime's int8 activation rounding" if spec.act
+                           else "fake-quant weights, float activations (as the runtime computes)")
+    if spec.act:
+        # how well the reference matches itself under last-bit changes (see bounds()), and what
+        # modelling the activations buys: the same runtime logits against a weights-only reference
+        parity["noise_floor"] = noise_floor(reference, ref_logits, seqs)
+        weights_only = fake_quant_model_copy(student, replace(spec, act=False), learned=learned).eval()
+        parity["weights_only_reference"] = logit_agreement(_logits(weights_only, seqs), got)
+    parity["weights"] = weight_parity(path, fmt, reference)
+    parity["checks"] = gate(parity, top1_min, kl_max)
+    parity["sample"] = {"prompt": tok.decode(prompt), "reply": tok.decode(gen.tokens, skip_special_tokens=True),
+                        "tokens": len(gen.tokens)}
+    return parity
+
+
+def run(ctx) -> dict:
+    from edgedistill import atomic
     from edgedistill.distill.quantized import load_learned_scales
     from edgedistill.distill.stage import load_student, quant_spec
-    from edgedistill.runtime import load_runner
 
     _, tok = ctx.session.teacher(ctx["teacher"])
     student = load_student(ctx["distill"].path("student"))
     learned = load_learned_scales(ctx["distill"].path("student"))  # the exporters used them too
     heldout = read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))
-    seqs = eval_sequences(heldout, ctx.cfg.eval.verify_tokens)
+    tokens = {"sequences": eval_sequences(heldout, ctx.cfg.eval.verify_tokens), "prompt": prompt_part(heldout[0])}
+    atomic.write_json(ctx.dir / TOKENS_FILE, tokens)
     results = {}
     artifacts = ctx["export"].summary["artifacts"]
     group_bits = ctx["plan"].summary["student"].get("group_bits") or None
     with task_progress("verify", len(artifacts), ctx.session.progress) as advance:
         for fmt, art in artifacts.items():
-            path = ctx["export"].path(art["file"])
             spec = quant_spec(ctx.cfg, fmt, group_bits, act=True)
-            act = spec.act  # the runtime rounds activations
-            reference = fake_quant_model_copy(student, spec, learned=learned).eval()
-            runner = load_runner(path, fmt)
-            try:
-                got = np.concatenate([runner.logits(ids) for ids in seqs])
-                prompt = prompt_part(heldout[0])
-                gen = runner.generate(prompt, 32, stop_ids=[tok.eos_token_id])
-            finally:
-                runner.close()
-            ref_logits = _logits(reference, seqs)
-            parity = logit_agreement(ref_logits, got)
-            parity["reference"] = ("fake-quant weights and the runtime's int8 activation rounding" if act
-                                   else "fake-quant weights, float activations (as the runtime computes)")
-            if act:
-                # how well the reference matches itself under last-bit changes (see bounds()), and what
-                # modelling the activations buys: the same runtime logits against a weights-only reference
-                parity["noise_floor"] = noise_floor(reference, ref_logits, seqs)
-                weights_only = fake_quant_model_copy(student, quant_spec(ctx.cfg, fmt, group_bits, act=False),
-                                                     learned=learned).eval()
-                parity["weights_only_reference"] = logit_agreement(_logits(weights_only, seqs), got)
-            parity["weights"] = weight_parity(path, fmt, reference)
-            parity["checks"] = gate(parity, ctx.cfg.eval.parity_top1, ctx.cfg.eval.parity_kl)
-            parity["sample"] = {"prompt": tok.decode(prompt), "reply": tok.decode(gen.tokens, skip_special_tokens=True),
-                                "tokens": len(gen.tokens)}
+            parity = check_artifact(ctx["export"].path(art["file"]), fmt, student, learned, spec, tokens, tok,
+                                    top1_min=ctx.cfg.eval.parity_top1, kl_max=ctx.cfg.eval.parity_kl)
+            parity["quant"] = spec.to_dict()
             results[fmt] = parity
             advance()
-    return {"artifacts": results}
+    return {"artifacts": results, "tokens_file": TOKENS_FILE,
+            "bounds": {"top1": ctx.cfg.eval.parity_top1, "kl": ctx.cfg.eval.parity_kl}}
+
+
+def verify_published(folder: Path, *, parity: bool = True, progress: bool = True) -> dict:
+    """`edgedistill verify OUT/T`: the published files against manifest.json, then the parity gate
+    re-run on the folder alone (its student, its tokens, each artifact in its runtime).
+
+    An artifact whose files, or the student's, fail the file check is not run: the gate would
+    measure a file the build never checked. ok is False on any file problem or failed check.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from edgedistill.build import quiet_libraries
+    from edgedistill.distill.quantized import QuantSpec, load_learned_scales
+    from edgedistill.distill.stage import load_student
+    from edgedistill.export.manifest import check_files, read_manifest
+
+    quiet_libraries()
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest)
+    bad = {p.path for p in problems}
+    result = {"folder": str(folder), "target": manifest.get("target"), "files_checked": len(manifest["files"]),
+              "problems": [{"path": p.path, "problem": p.problem, "detail": p.detail} for p in problems],
+              "artifacts": {}}
+
+    def damaged(prefix: str) -> bool:
+        return any(p == prefix or p.startswith(prefix + "/") for p in bad)
+
+    shared = [manifest["student"], manifest["parity"]["tokens_file"]]
+    runnable = [a for a in manifest["artifacts"] if not damaged(a["file"]) and not any(map(damaged, shared))]
+    for a in manifest["artifacts"]:
+        if a not in runnable:
+            result["artifacts"][a["format"]] = {"file": a["file"], "ran": False, "ok": False,
+                                                "why": "its files, the student or the tokens do not match the manifest"}
+    if parity and runnable:
+        student = load_student(folder / manifest["student"])
+        learned = load_learned_scales(folder / manifest["student"])
+        tok = AutoTokenizer.from_pretrained(folder / manifest["student"])
+        tokens = json.loads((folder / manifest["parity"]["tokens_file"]).read_text())
+        bounds = manifest["parity"]
+        with task_progress("verify", len(runnable), progress) as advance:
+            for a in runnable:
+                got = check_artifact(folder / a["file"], a["format"], student, learned, QuantSpec.from_dict(a["quant"]),
+                                     tokens, tok, top1_min=bounds["top1"], kl_max=bounds["kl"])
+                result["artifacts"][a["format"]] = {
+                    "file": a["file"], "ran": True, "ok": all(c["ok"] for c in got["checks"]),
+                    "recorded": a["parity"], "checks": got["checks"],
+                    "now": {"top1_agreement": got["top1_agreement"], "kl": got["kl"], "weights_ok": got["weights"]["ok"]},
+                }
+                advance()
+    result["ok"] = not problems and all(r["ok"] for r in result["artifacts"].values())
+    return result
+
+
+def print_result(result: dict, console) -> None:
+    """verify_published()'s result for a person: each file problem, then each artifact's gate."""
+    from rich.table import Table
+
+    n, problems = result["files_checked"], result["problems"]
+    if problems:
+        console.print(f"[red]✗[/red] {len(problems)} of {n} files do not match manifest.json:")
+        for p in problems:
+            console.print(f"    {p['path']}: {p['detail']}", markup=False)
+    else:
+        console.print(f"[green]✓[/green] {n} files match manifest.json (size and sha256), none missing or added")
+    if result["artifacts"]:
+        table = Table("artifact", "ran", "weights", "top-1 recorded → now", "KL recorded → now", "ok",
+                      title="parity gate, re-run on this folder", title_justify="left")
+        for fmt, r in result["artifacts"].items():
+            if not r["ran"]:
+                table.add_row(r["file"], "no", "-", "-", "-", "[red]NO[/red]")
+                continue
+            rec, now = r["recorded"], r["now"]
+            table.add_row(r["file"], "yes", "equal" if now["weights_ok"] else "[red]differ[/red]",
+                          f"{rec['top1_agreement']:.4f} → {now['top1_agreement']:.4f}",
+                          f"{rec['kl']:.3g} → {now['kl']:.3g}", "yes" if r["ok"] else "[red]NO[/red]")
+        console.print(table)
+        for r in result["artifacts"].values():
+            for c in r.get("checks", []):
+                if not c["ok"]:
+                    console.print(f"  [red]✗[/red] {r['file']}: {c['message']}", highlight=False)
+            if not r["ran"]:
+                console.print(f"  [red]✗[/red] {r['file']} not run: {r['why']}", highlight=False)
+    verdict = "[green]VERIFIED[/green]" if result["ok"] else "[red]NOT VERIFIED[/red]"
+    console.print(f"{verdict} {result['folder']}", highlight=False)

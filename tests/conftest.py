@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,65 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers=4, hidden=64, inte
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_teacher"), tokenizer_dir)
+
+
+# ---- the real CLI on the tiny teacher: one small two-target build shared by the test files
+
+TINY_STUDENT = "layers=2,hidden=32,intermediate=64,heads=2,kv_heads=1"
+
+
+def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgedistill.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=full_env, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def small_prompts(tmp_path_factory) -> Path:
+    """Few prompts keep the tiny build fast; the bundled set is capped too (`max_prompts`)."""
+    p = tmp_path_factory.mktemp("prompts") / "mine.jsonl"
+    lines = [{"prompt": f"Say something about the number {i}."} for i in range(6)]
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+def fast_config(tmp: Path, out: Path, teacher: Path, prompts: Path, targets=("phone-4gb",)) -> Path:
+    """A config file: the CLI's replay path, with small data and eval sizes for a tiny teacher."""
+    cfg = tmp / "tiny.toml"
+    tlist = ", ".join(f'"{t}"' for t in targets)
+    cfg.write_text(f'''teacher = "{teacher}"
+targets = [{tlist}]
+out = "{out}"
+[plan.student]
+layers = 2
+hidden = 32
+intermediate = 64
+heads = 2
+kv_heads = 1
+[data]
+prompts = ["{prompts}"]
+max_prompts = 24
+max_new_tokens = 8
+gen_batch_size = 8
+max_len = 64
+[distill]
+steps = 4
+batch_size = 2
+seq_len = 64
+checkpoint_every = 2
+[eval]
+max_examples = 4
+verify_tokens = 48
+profile_new_tokens = 4
+profile_repeats = 1
+''')
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_teacher_dir, small_prompts):
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "out"
+    cfg = fast_config(tmp, out, tiny_teacher_dir, small_prompts, targets=("phone-4gb", "rpi5-8gb"))
+    res = cli("build", "--config", cfg, "--no-progress")
+    return res, out, cfg

@@ -3,74 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import onnx
 import pytest
 
 from edgedistill.targets import TARGETS_DIR
 
-TINY_STUDENT = "layers=2,hidden=32,intermediate=64,heads=2,kv_heads=1"
-
-
-def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "edgedistill.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=full_env, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def small_prompts(tmp_path_factory) -> Path:
-    """Few prompts keep the tiny build fast; the bundled set is capped too (`max_prompts`)."""
-    p = tmp_path_factory.mktemp("prompts") / "mine.jsonl"
-    lines = [{"prompt": f"Say something about the number {i}."} for i in range(6)]
-    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return p
-
-
-def fast_config(tmp: Path, out: Path, teacher: Path, prompts: Path, targets=("phone-4gb",)) -> Path:
-    """A config file: the CLI's replay path, with small data and eval sizes for a tiny teacher."""
-    cfg = tmp / "tiny.toml"
-    tlist = ", ".join(f'"{t}"' for t in targets)
-    cfg.write_text(f'''teacher = "{teacher}"
-targets = [{tlist}]
-out = "{out}"
-[plan.student]
-layers = 2
-hidden = 32
-intermediate = 64
-heads = 2
-kv_heads = 1
-[data]
-prompts = ["{prompts}"]
-max_prompts = 24
-max_new_tokens = 8
-gen_batch_size = 8
-max_len = 64
-[distill]
-steps = 4
-batch_size = 2
-seq_len = 64
-checkpoint_every = 2
-[eval]
-max_examples = 4
-verify_tokens = 48
-profile_new_tokens = 4
-profile_repeats = 1
-''')
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory, tiny_teacher_dir, small_prompts):
-    tmp = tmp_path_factory.mktemp("e2e")
-    out = tmp / "out"
-    cfg = fast_config(tmp, out, tiny_teacher_dir, small_prompts, targets=("phone-4gb", "rpi5-8gb"))
-    res = cli("build", "--config", cfg, "--no-progress")
-    return res, out, cfg
+from conftest import TINY_STUDENT, cli, fast_config  # noqa: E402
 
 
 def test_build_succeeds_and_writes_every_artifact(tiny_build):
@@ -91,7 +30,7 @@ def test_build_succeeds_and_writes_every_artifact(tiny_build):
             assert art["projected"]["decode_tok_s"] > 0 and art["checks"]
         assert (folder / "report.md").is_file() and (folder / "report.html").is_file()
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert {f["file"] for f in manifest["files"]} >= {a["file"] for a in report["artifacts"]}
+        assert {f["file"] for f in manifest["artifacts"]} == {a["file"] for a in report["artifacts"]}
         assert (folder / "student" / "config.json").is_file()
         # the published ONNX folder and the stage's own copy both load with their external data
         onnx.load(str(folder / "onnx-int4" / "model.onnx"))
