@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -25,9 +25,14 @@ def prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable; choose another with --out")
+        raise UserError(f"cannot create output folder {out}: {e.strerror}; choose another with --out") from None
+    # a real write, not os.access: root passes every permission check, yet a read-only or
+    # special file system still refuses the file
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"output folder {out} is not writable ({e.strerror}); choose another with --out") from None
 
 
 def write_config(cfg: BuildConfig) -> Path:
@@ -60,16 +65,16 @@ def plan_all(cfg: BuildConfig, targets: list[TargetProfile]) -> tuple[dict, list
     from edgedistill.progressive import split_steps
 
     info = teacher_mod.describe(teacher_mod.resolve(cfg.teacher), cfg.trust_remote_code)
+    teacher_mod.check_memory(info["params"], cfg.teacher_bits)
     plans = [solve(info, target, cfg.plan) for target in targets]
     for plan in plans:
         split_steps(cfg.distill.steps, len(plan["progressive"]) + 1)  # refuses fewer steps than stages
     return info, plans
 
 
-def dry_run(cfg: BuildConfig, targets: list[TargetProfile], console: Console) -> int:
+def dry_run(cfg: BuildConfig, targets: list[TargetProfile], info: dict, plans: list[dict], console: Console) -> int:
     from edgedistill.stages import STAGES
 
-    info, plans = plan_all(cfg, targets)
     console.print(f"teacher {info['id']}: {info['params']:,} params")
     session = Session(cfg, console)
     for target, plan in zip(targets, plans):
@@ -128,16 +133,17 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     """Exit code: 0 every check met, 1 a budget or parity check failed (artifacts and report kept)."""
     console = console or Console(stderr=True)
     quiet_libraries()
+    # every input is checked before anything is written: bad input leaves no trace
     targets = [load_target(t) for t in cfg.targets]
-    teacher_mod.resolve(cfg.teacher)  # bad teacher input fails here, before anything is written
+    teacher_mod.check_files(teacher_mod.resolve(cfg.teacher))
     for f in cfg.data.prompts:
         load_user_file(Path(f))
+    info, plans = plan_all(cfg, targets)
     out = Path(cfg.out)
     prepare_out(out)
     write_config(cfg)
     if dry:
-        return dry_run(cfg, targets, console)
-    plan_all(cfg, targets)
+        return dry_run(cfg, targets, info, plans, console)
     from edgedistill.report import files_to_publish
     from edgedistill.stages import STAGES
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -129,6 +130,27 @@ def report(folder: Path = typer.Argument(..., help="OUT/<target> folder holding 
 
 
 @app.command()
+def package(
+    folder: Path = typer.Argument(..., help="a build's OUT/<target> folder; it must match its manifest.json"),
+    app_name: str = typer.Option(..., "--app", help="android | ios | web"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="the artifact to package, e.g. gguf-q8_0 or onnx-int4 "
+                                                             "(default: the build's first GGUF)"),
+    out: Optional[Path] = typer.Option(None, help="package folder (default: OUT/package-<target>-<app>, beside "
+                                                  "the build folder); replaced if it holds an earlier package"),
+    name: Optional[str] = typer.Option(None, help="model folder, bundle and asset pack name (default: <target>-<quant>)"),
+    limit_mb: Optional[float] = typer.Option(None, help="check against this many MB (10^6 bytes) instead of the "
+                                                        "platform's limit, e.g. 25 for a host's per-file cap"),
+):
+    """Lay out one artifact for an Android, iOS or web app, with a manifest, a README and a size check."""
+    from edgedistill.package import describe, package_app
+
+    result = package_app(folder, app_name, fmt=fmt, out=out, name=name,
+                         limit_bytes=None if limit_mb is None else int(limit_mb * 1000 ** 2))
+    for line in describe(result):
+        Console(soft_wrap=True).print(line, highlight=False, markup=False)
+
+
+@app.command()
 def verify(
     folder: Path = typer.Argument(..., help="a build's OUT/<target> folder (holds manifest.json)"),
     parity: bool = typer.Option(True, "--parity/--files-only",
@@ -146,6 +168,19 @@ def verify(
     else:
         print_result(result, Console(width=max(Console().width, 110)))
     raise typer.Exit(0 if result["ok"] else 1)
+
+
+# errno values, and the texts libraries that wrap them (safetensors, torch, onnx) keep, of a full disk
+_DISK_FULL_ERRNO = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNO) or any(t in str(e) for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def main() -> None:
@@ -166,6 +201,11 @@ def main() -> None:
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             rc = 130
+        elif _disk_full(e) and not debug:
+            err.print(f"[red]error:[/red] the disk is full (or a file size limit was reached): {str(e).splitlines()[0][:200]}. "
+                      "Free some space or choose --out on another disk, then run the same command with --resume; "
+                      "finished stages are kept", highlight=False, soft_wrap=True)
+            sys.exit(2)
         elif debug:
             raise
         else:

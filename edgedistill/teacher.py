@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle  # only for its exception type: nothing here unpickles
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,28 @@ def _check_gguf_magic(path: Path) -> None:
             raise UserError(f"{path} is not a GGUF file (bad magic bytes)")
 
 
+def check_files(src: TeacherSource) -> None:
+    """Refuse a corrupt or truncated weights file now, with its name, not minutes later inside a
+    library's loader. Reads headers only: safetensors' header (which also proves the file holds
+    all the bytes it declares) and the GGUF's metadata and tensor table."""
+    if src.kind == "gguf":
+        from edgedistill.inspect import describe_artifact
+
+        describe_artifact(src.gguf_path)
+        return
+    if src.kind != "hf_dir":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(src.location).glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
+                            f"re-download or re-save the teacher") from None
+
+
 def fingerprint(src: TeacherSource) -> str:
     """Identity of the teacher's bytes, cheap enough for every run: name, size and mtime of each file."""
     h = hashlib.sha256(src.id.encode())
@@ -116,6 +139,9 @@ def load_config(src: TeacherSource, trust_remote_code: bool = False):
     try:
         cfg = AutoConfig.from_pretrained(loc, trust_remote_code=trust_remote_code, **kw)
     except (ValueError, KeyError, OSError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"the teacher at {src.location} ships its own Python code (auto_map in config.json); "
+                            f"edgedistill runs it only with --trust-remote-code, after you have read it") from None
         raise UserError(f"cannot read the teacher's config from {src.location}: {str(e).splitlines()[0]}") from None
     check_architecture(cfg)
     return cfg
@@ -168,6 +194,11 @@ def load(src: TeacherSource, *, bits: Optional[int] = None, trust_remote_code: b
                                             **{k: v for k, v in kw.items() if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(loc, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                                      **kw)
+    except pickle.UnpicklingError:
+        # transformers reads *.bin weights with torch.load(weights_only=True), which refuses any
+        # pickle that would build objects other than tensors: such a file may run code when loaded
+        raise UserError(f"refused the teacher's pickle weights in {src.location}: they hold more than tensors "
+                        f"(torch.load weights_only=True rejected them); use safetensors weights") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the teacher from {src.location}: {str(e).splitlines()[0]}") from None
     if tok.chat_template is None:

@@ -6,6 +6,8 @@ import json
 
 import onnx
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from edgedistill.targets import TARGETS_DIR
 
@@ -168,7 +170,7 @@ def test_usage_errors_exit_2_with_usage():
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    save_file({"placeholder": torch.zeros(1)}, tmp_path / "model.safetensors")
     res = cli("build", "--teacher", tmp_path, "--dry-run", "--out", tmp_path / "o")
     assert res.returncode == 2, res.stderr
     assert "unsupported teacher architecture 'gpt2'" in res.stderr and "Llama" in res.stderr

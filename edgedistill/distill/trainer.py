@@ -12,6 +12,9 @@ import json
 import logging
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,6 +180,34 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
     accelerator.wait_for_everyone()
 
 
+class _StopRequest:
+    """Ctrl-C during training asks for a stop at the end of the current step, after a checkpoint;
+    a second Ctrl-C stops at once. Only the main thread can take signals, so elsewhere it stays out."""
+
+    def __init__(self):
+        self.asked, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked: they all stop at the same step, or the collectives would hang."""
+        if accelerator.num_processes == 1:
+            return self.asked
+        flag = torch.tensor([float(self.asked)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: Path, *, resume: bool = False,
             progress: bool = True, stop_after: int | None = None) -> dict:
     """Train `student` to match `teacher` on `examples`; returns the run's figures.
@@ -227,7 +258,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     batches = iter(accelerator.skip_first_batches(loader, state["step"]))
     session_tokens, t0, seconds0 = 0, time.perf_counter(), state["seconds"]
     bar = _progress_bar(progress and accelerator.is_main_process)
-    with bar:
+    with bar, _StopRequest() as stop:
         task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
         for step in range(state["step"], last):
             if cfg.qat and step >= cfg.qat_start_step and not state["qat"]:
@@ -259,8 +290,14 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             state["loss_curve"].append(round(loss_value, 4))
             bar.update(task, advance=1, loss=loss_value, tok_s=session_tokens / max(elapsed, 1e-9))
 
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+            stopping = stop.agreed(accelerator)
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps or stopping:
                 _save_checkpoint(accelerator, model, {"identity": identity, "state": state}, workdir)
+            if stopping:
+                bar.stop()
+                if accelerator.is_main_process:  # beside the CLI's own messages, on stderr
+                    print(f"stopped after step {state['step']} of {cfg.steps}; checkpoint saved", file=sys.stderr)
+                raise KeyboardInterrupt
 
     disable_fake_quant(model)
     model.eval()
