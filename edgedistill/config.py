@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Literal, Optional
 
 import tomli_w
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgedistill.errors import UserError
+from edgedistill.settings_files import check_numbers, parse_toml, parse_yaml, read_settings_text, settings_error
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 
@@ -142,15 +141,18 @@ def resolve(overrides: dict, base: Optional[dict] = None) -> BuildConfig:
 
 
 def load_file(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: cannot parse config: {str(e).splitlines()[0]}") from None
+    """A config file (TOML, or YAML for .yaml/.yml) as a dict, checked against BuildConfig so that a
+    bad setting is reported with its file and line, not later without either."""
+    text = read_settings_text(path, "config file")
+    yaml_file = path.suffix in (".yaml", ".yml")
+    data = parse_yaml(text, str(path)) if yaml_file else parse_toml(text, str(path))
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file must hold a table of settings")
+    try:
+        checked = BuildConfig.model_validate(data)
+    except ValidationError as e:
+        raise settings_error(e, BuildConfig, str(path), text, yaml_file) from None
+    check_numbers(checked.model_dump(), str(path), text, yaml_file)
     return data
 
 

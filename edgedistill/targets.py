@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgedistill.settings_files import check_numbers, parse_toml, read_settings_text, settings_error
 from edgedistill.errors import UserError
 from edgedistill.formats import FORMATS
 
@@ -87,36 +87,15 @@ def load_target(name_or_path: str) -> TargetProfile:
             close = difflib.get_close_matches(name_or_path, builtin_names(), n=3, cutoff=0.4)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(builtin_names())}"
             raise UserError(f"unknown target {name_or_path!r}{hint}")
-    return parse_target(path.read_text(encoding="utf-8"), source=str(path))
+    return parse_target(read_settings_text(path, "target profile file"), source=str(path))
 
 
 def parse_target(text: str, source: str = "<profile>") -> TargetProfile:
+    """A profile from TOML text; every problem is one UserError naming `source`, the field and its line."""
+    data = parse_toml(text, source)
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{source}: not valid TOML: {e}") from None
-    try:
-        return TargetProfile.model_validate(data)
+        profile = TargetProfile.model_validate(data)
     except ValidationError as e:
-        errors = e.errors()
-        # A misspelt field also shows up as the real one "missing": report the unknown name first.
-        unknown = [x for x in errors if x["type"] == "extra_forbidden"]
-        err = (unknown or errors)[0]
-        field = ".".join(str(p) for p in err["loc"])
-        if unknown:
-            known = _known_fields(err["loc"][:-1])
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known here: {', '.join(known)}"
-            raise UserError(f"{source}: unknown field {field!r}; {hint}") from None
-        where = f"field {field!r}: " if field else ""
-        raise UserError(f"{source}: {where}{err['msg']}") from None
-
-
-def _known_fields(loc: tuple) -> list[str]:
-    model = TargetProfile
-    for part in loc:
-        sub = model.model_fields.get(str(part))
-        if sub is None or not isinstance(sub.annotation, type) or not issubclass(sub.annotation, BaseModel):
-            return []
-        model = sub.annotation
-    return list(model.model_fields)
+        raise settings_error(e, TargetProfile, source, text, yaml_file=False) from None
+    check_numbers(profile.model_dump(), source, text, yaml_file=False)
+    return profile
