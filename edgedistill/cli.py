@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgedistill.errors import UserError
 
@@ -190,7 +191,7 @@ def main() -> None:
     except typer.Exit as e:
         rc = e.exit_code
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         rc = 130
@@ -202,14 +203,14 @@ def main() -> None:
         if type(e).__name__ == "Abort":
             rc = 130
         elif _disk_full(e) and not debug:
-            err.print(f"[red]error:[/red] the disk is full (or a file size limit was reached): {str(e).splitlines()[0][:200]}. "
+            err.print(f"[red]error:[/red] the disk is full (or a file size limit was reached): {escape(str(e).splitlines()[0][:200])}. "
                       "Free some space or choose --out on another disk, then run the same command with --resume; "
                       "finished stages are kept", highlight=False, soft_wrap=True)
             sys.exit(2)
         elif debug:
             raise
         else:
-            err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set EDGEDISTILL_DEBUG=1 for the traceback)",
+            err.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (set EDGEDISTILL_DEBUG=1 for the traceback)",
                       highlight=False, soft_wrap=True)
             sys.exit(3)
     if rc == 130:  # typer turns Ctrl-C into exit code 130

@@ -105,7 +105,7 @@ CASES = [
     (corrupt_safetensors, "is not a readable safetensors file"),
     (truncated_gguf, "cut.gguf"),
     (not_gguf, "is not a GGUF file"),
-    (too_large_teacher, "try --teacher-bits 8 or 4"),
+    (too_large_teacher, "try --teacher-bits 8 or 4 (pip install 'edgedistill[lowmem]')"),
     (bad_profile_value, "ram_gb"),
     (_prompts("empty.jsonl", b""), "empty.jsonl: file is empty"),
     (_prompts("latin.txt", "caf\xe9\n".encode("latin-1")), "latin.txt:1: not valid UTF-8"),
