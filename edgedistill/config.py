@@ -17,7 +17,8 @@ DEFAULT_TEACHER = "smollm2-135m-instruct"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no inf or NaN: the written build-config.toml must replay, and a config file refuses them too
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StudentShape(_Section):

@@ -9,14 +9,17 @@ The package is a folder to copy into an app project or onto a static host:
 
 Beside the model files lies `edgedistill-package.json` (format, runtime, context, chat template,
 every file with its size and sha256, the size limit checked and the verdict); `README.md` at the
-package root says how to load the files on that platform. A size over a limit is advice, not an
-error: the package is written in the platform's fallback layout and the verdict says what to do.
+package root says how to load the files on that platform, and `.edgedistill-package` there marks the
+folder as one a later run may replace (no other folder is). A size over a limit is advice, not an
+error: the package is written in the platform's fallback layout and the verdict says what to do;
+over the platform's ceiling the CLI exits 1. An artifact that failed the build's parity gate is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -26,10 +29,13 @@ from pathlib import Path
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
-from edgedistill.export.manifest import require_verified
+from edgedistill.export.manifest import MANIFEST, require_verified
 from edgedistill.formats import FORMATS
 
 PACKAGE_MANIFEST = "edgedistill-package.json"
+# at the package root, naming PACKAGE_MANIFEST: what lets a later run replace the folder (_not_a_package)
+MARKER = ".edgedistill-package"
+ASSET_PACK_FILE = "build.gradle.kts"
 PACKAGE_VERSION = 1
 README = "README.md"
 
@@ -165,52 +171,75 @@ class SizeCheck:
                 "over": self.over, "over_ceiling": self.over_ceiling, "verdict": self.verdict, "advice": advice}
 
 
-@dataclass(frozen=True)
-class PackageResult:
-    out: Path
-    app: str
-    target: str
-    format: str
-    name: str
-    layout: str
-    model_dir: str  # relative to out
-    files: int  # files written in model_dir
-    total_bytes: int
-    check: SizeCheck
-    advice: str
-
-
 # --- inputs --------------------------------------------------------------------------------------
+
+def parity_ok(artifact: dict) -> bool:
+    """Whether the build's parity gate passed for the artifact (a manifest without `ok` predates it)."""
+    return (artifact.get("parity") or {}).get("ok", True) is True
+
 
 def _pick_artifact(manifest: dict, fmt: str | None) -> dict:
     artifacts = manifest.get("artifacts") or []
-    have = [a["format"] for a in artifacts]
+    have = [str(a.get("format")) for a in artifacts]
     if not artifacts:
-        raise UserError("the build's manifest.json lists no artifacts; rebuild the target")
+        raise UserError(f"the build's {MANIFEST} lists no artifacts; rebuild the target")
     if fmt is None:
         # llama.cpp runs on Android, iOS and in the browser, so a GGUF is the default everywhere
-        gguf = [a for a in artifacts if _runtime(a) == "llamacpp"]
-        return (gguf or artifacts)[0]
-    if fmt not in FORMATS:
+        gguf = [a for a in artifacts if a.get("runtime") == "llamacpp"]
+        artifact = (gguf or artifacts)[0]
+    elif fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; this build has: {', '.join(have)}")
-    for a in artifacts:
-        if a["format"] == fmt:
-            return a
-    raise UserError(f"this build did not produce {fmt}; it has: {', '.join(have)}")
+    else:
+        artifact = next((a for a in artifacts if a.get("format") == fmt), None)
+        if artifact is None:
+            raise UserError(f"this build did not produce {fmt}; it has: {', '.join(have)}")
+    if artifact.get("format") not in FORMATS or artifact.get("runtime") not in _RUNTIME_NOTE:
+        raise UserError(f"the build's {MANIFEST} lists an artifact of format {artifact.get('format')!r} and "
+                        f"runtime {artifact.get('runtime')!r}, which have no app layout here; rebuild the target")
+    return artifact
 
 
-def _runtime(artifact: dict) -> str | None:
-    fmt = FORMATS.get(artifact["format"])
-    return artifact.get("runtime") or (fmt.runtime if fmt else None)
+def _check_parity(folder: Path, manifest: dict, artifact: dict) -> None:
+    if parity_ok(artifact):
+        return
+    passed = [a["format"] for a in manifest["artifacts"] if parity_ok(a) and a is not artifact]
+    raise UserError(f"{artifact['format']} failed the build's parity gate: its runtime does not compute what the "
+                    f"student was trained to, so it is not packaged. `edgedistill verify {folder}` shows the "
+                    f"figures; rebuild the target" + (f", or package --format {passed[0]}" if passed else ""))
 
 
-def _artifact_files(manifest: dict, artifact: dict) -> list[dict]:
-    """The build manifest's entries for the artifact: the file itself, or every file of its folder."""
-    name = artifact["file"]
-    entries = [e for e in manifest["files"] if e["path"] == name or e["path"].startswith(name + "/")]
-    if not entries:
-        raise UserError(f"manifest.json lists no files for {name}; rebuild the target")
-    return entries
+def _parts(path) -> tuple[str, ...]:
+    """A manifest path's parts: relative, '/'-separated, no empty, '.' or '..' part; else UserError."""
+    parts = tuple(path.split("/")) if isinstance(path, str) else ("",)
+    if any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"the build's {MANIFEST} lists the path {path!r}, which is not a plain relative path; "
+                        f"the manifest is damaged: rebuild the target")
+    return parts
+
+
+def _inside(base: Path, rel: str) -> Path:
+    """base/rel, refused unless it resolves (symlinks followed) to a path inside base."""
+    path = base / rel
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise UserError(f"{rel!r} leads outside {base} (a link or a crafted path); nothing was packaged. "
+                        f"Rebuild the target")
+    return path
+
+
+def _artifact_files(manifest: dict, artifact: dict) -> list[tuple[dict, str]]:
+    """The build manifest's entries for the artifact (the file itself, or every file of its folder),
+    each with its path relative to the model folder: the file's name, or its path inside the folder."""
+    own = _parts(artifact["file"])
+    out = []
+    for entry in manifest["files"]:
+        parts = _parts(entry["path"])
+        if parts == own:
+            out.append((entry, own[-1]))
+        elif parts[:len(own)] == own:
+            out.append((entry, "/".join(parts[len(own):])))
+    if not out:
+        raise UserError(f"{MANIFEST} lists no files for {artifact['file']}; rebuild the target")
+    return out
 
 
 def _gguf_string(path: Path, key: str) -> str | None:
@@ -236,36 +265,36 @@ def _template_in(folder: Path) -> str | None:
 
 def chat_template(folder: Path, manifest: dict, artifact: dict) -> str | None:
     """The template the app should format chats with: the artifact's own first, then the student's."""
-    path = folder / artifact["file"]
+    path = _inside(folder, "/".join(_parts(artifact["file"])))
     own = _gguf_string(path, "tokenizer.chat_template") if path.is_file() else _template_in(path)
     student = manifest.get("student")
-    return own or (_template_in(folder / student) if student else None)
+    return own or (_template_in(_inside(folder, "/".join(_parts(student)))) if student else None)
 
 
-def _context(folder: Path, artifact: dict) -> int | None:
-    if artifact.get("context"):
-        return int(artifact["context"])
-    report = folder / "report.json"  # listed in the manifest, so verified with the rest
-    if report.is_file():
-        return json.loads(report.read_text(encoding="utf-8")).get("student", {}).get("context")
-    return None
-
-
-def _tokenizer(artifact: dict, files: list[dict]) -> str | list[str]:
-    if _runtime(artifact) == "llamacpp":
+def _tokenizer(artifact: dict, rels: list[str]) -> str | list[str]:
+    if artifact["runtime"] == "llamacpp":
         return f"inside {artifact['file']} (tokenizer.ggml.*)"
-    return [e["path"].split("/", 1)[1] for e in files if "tokenizer" in e["path"].rsplit("/", 1)[-1]]
+    return [rel for rel in rels if "tokenizer" in rel.rsplit("/", 1)[-1]]
 
 
 # --- names and places ----------------------------------------------------------------------------
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def _check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise UserError(f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise UserError(f"--name {name!r}: {_NAME_RULE}")
     return name
+
+
+def _check_target(target) -> str:
+    """The build's target name, which names the default package folder and model name."""
+    if not isinstance(target, str) or not _NAME.match(target):
+        raise UserError(f"the build's {MANIFEST} names the target {target!r}, which cannot name a package folder "
+                        f"({_NAME_RULE}); pass --out and --name, or rebuild the target")
+    return target
 
 
 def pack_name(name: str) -> str:
@@ -283,18 +312,51 @@ def _check_out(out: Path, folder: Path) -> None:
     out_r, folder_r = out.resolve(), folder.resolve()
     if out_r == folder_r or folder_r in out_r.parents:
         raise UserError(f"--out {out} is inside the build folder {folder}, which would then no longer match its "
-                        f"manifest.json; choose a folder outside it")
+                        f"{MANIFEST}; choose a folder outside it")
     if out_r in folder_r.parents:
         raise UserError(f"--out {out} contains the build folder {folder}; choose another folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_package(out))):
-        raise UserError(f"{out} exists and is not an edgedistill package; remove it or choose another --out")
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a link or a file, not a folder; choose an empty or new folder")
+    if out.exists():
+        stranger = _not_a_package(out)
+        if stranger:
+            raise UserError(f"--out {out} exists and is not an edgedistill package ({stranger}), so it is not "
+                            f"replaced; choose an empty or new folder")
 
 
-def _is_package(folder: Path) -> bool:
-    """An earlier package, which may be replaced: its manifest where one of the layouts puts it."""
-    # globs of fixed depth: --out pointed at a big folder by mistake must not be walked whole
-    return any(any(folder.glob(f"{where}/{PACKAGE_MANIFEST}"))
-               for where in ("*/src/main/assets/*", "*.bundle", "models/*"))
+def _not_a_package(out: Path) -> str | None:
+    """None if `out` is empty or holds an earlier package and nothing else, which may be replaced;
+    otherwise what is there that a package does not write.
+
+    A package's root has MARKER, naming its package manifest; the files a package writes are that
+    manifest, the files it lists, README.md and the asset pack's build.gradle.kts. The package's
+    `app/` copied into an Android project carries the manifest but not the marker, and whatever
+    else the folder holds (the project's code) is found before anything is removed.
+    """
+    top = sorted(p.name for p in out.iterdir())
+    if not top:
+        return None
+    if MARKER not in top:
+        return f"no {MARKER} at its root"
+    try:
+        rel = (out / MARKER).read_text(encoding="utf-8").strip()
+        _parts(rel)
+        pkg = json.loads(_inside(out, rel).read_text(encoding="utf-8"))
+        mdir = rel.rpartition("/")[0]
+        ours = {MARKER, README, rel} | {f"{mdir}/{p['path']}" for f in pkg["files"] for p in f.get("parts", [f])}
+        if pkg.get("layout") == PLATFORMS["android"].over:
+            ours.add(f"{rel.split('/')[0]}/{ASSET_PACK_FILE}")
+    except (OSError, ValueError, UserError, KeyError, TypeError, AttributeError):
+        return f"its {MARKER} does not name a readable package manifest"
+    dirs = {"/".join(f.split("/")[:i]) for f in ours for i in range(1, f.count("/") + 1)}
+    # top-down, each folder checked before it is entered: a folder of the user's is never walked
+    for root, subdirs, files in os.walk(out):
+        for entry in subdirs + files:
+            path = Path(root) / entry
+            rel_entry = path.relative_to(out).as_posix()
+            if path.is_symlink() or rel_entry not in (dirs if entry in subdirs else ours):
+                return f"{rel_entry} is not from a package"
+    return None
 
 
 def model_dir(app: str, layout: str, name: str) -> str:
@@ -334,14 +396,15 @@ def split_ranges(size: int, part_bytes: int) -> list[tuple[int, int]]:
     return [(off, min(part_bytes, size - off)) for off in range(0, size, part_bytes)]
 
 
-def _copy_entry(folder: Path, entry: dict, rel: str, dest: Path, split_over: int | None) -> dict:
-    """Copy one build file into dest/rel (or its parts); the package manifest's entry for it.
+def _copy_entry(folder: Path, entry: dict, rel: str, staging: Path, mdir: str, split_over: int | None) -> dict:
+    """Copy one build file into staging/mdir/rel (or its parts); the package manifest's entry for it.
 
     The whole file's hash must still be the build manifest's: it was verified moments ago, so a
-    difference means the file changed while we copied it.
+    difference means the file changed while we copied it. Every path is checked to resolve inside
+    the build folder (source) and the staging folder (copy), whatever the manifest says.
     """
-    src = folder / entry["path"]
-    target = dest / rel
+    src = _inside(folder, entry["path"])
+    target = _inside(staging, f"{mdir}/{rel}")
     target.parent.mkdir(parents=True, exist_ok=True)
     if split_over is None or entry["bytes"] <= split_over:
         sha, size = copy_range(src, target)
@@ -351,7 +414,7 @@ def _copy_entry(folder: Path, entry: dict, rel: str, dest: Path, split_over: int
     ranges = split_ranges(entry["bytes"], split_over)
     for i, (offset, length) in enumerate(ranges, 1):
         part_rel = f"{rel}.part-{i:03d}-of-{len(ranges):03d}"  # not gguf-split's -00001-of-00003.gguf
-        sha, size = copy_range(src, dest / part_rel, offset, length, also=whole)
+        sha, size = copy_range(src, _inside(staging, f"{mdir}/{part_rel}"), offset, length, also=whole)
         parts.append({"path": part_rel, "offset": offset, "bytes": size, "sha256": sha})
     total = sum(p["bytes"] for p in parts)
     _same(entry, whole.hexdigest(), total)
@@ -383,26 +446,39 @@ def _advice(platform: Platform, check: SizeCheck, **names) -> str:
     return text.format(**names)
 
 
+def limit_bytes_of(limit_mb: float | None) -> int | None:
+    """--limit-mb in bytes; a UserError unless it is a positive finite number."""
+    if limit_mb is None:
+        return None
+    if not math.isfinite(limit_mb) or limit_mb <= 0:
+        raise UserError(f"--limit-mb {limit_mb}: must be a positive finite number of MB")
+    return max(1, round(limit_mb * MB))
+
+
 def package_app(folder: Path, app: str, fmt: str | None = None, out: Path | None = None, name: str | None = None,
-                limit_bytes: int | None = None) -> PackageResult:
-    """Write the app package for one artifact of the verified build folder `folder`; see the module doc."""
+                limit_bytes: int | None = None) -> tuple[Path, dict]:
+    """Write the app package for one artifact of the verified build folder `folder`; see the module doc.
+
+    Returns the package folder and its package manifest (what edgedistill-package.json holds).
+    """
     folder = Path(folder)
     if app not in PLATFORMS:
         raise UserError(f"unknown app {app!r}; choose one of: {', '.join(PLATFORMS)}")
     if limit_bytes is not None and limit_bytes <= 0:
-        raise UserError("--limit-mb must be greater than 0")
+        raise UserError("--limit-mb must be a positive finite number of MB")
     manifest = require_verified(folder)  # first: a tampered build folder is refused before anything is written
     platform = PLATFORMS[app]
     artifact = _pick_artifact(manifest, fmt)
-    if _runtime(artifact) not in _RUNTIME_NOTE:
-        raise UserError(f"{artifact['format']} runs in {_runtime(artifact)!r}, which has no app layout here")
+    _check_parity(folder, manifest, artifact)
     target = manifest.get("target") or folder.name
+    if name is None or out is None:  # the target names the defaults: blame the manifest, not --name
+        _check_target(target)
     name = _check_name(name or f"{target}-{artifact['format'].split('-', 1)[1]}")
-    out = Path(out) if out else default_out(folder, target, app)
+    out = Path(os.path.abspath(out or default_out(folder, target, app)))
     _check_out(out, folder)
 
     entries = _artifact_files(manifest, artifact)
-    check = size_check(platform, entries, limit_bytes)
+    check = size_check(platform, [e for e, _ in entries], limit_bytes)
     layout = platform.over if check.over else platform.fits
     mdir = model_dir(app, layout, name)
     names = {"pack": pack_name(name), "bundle": f"{name}.bundle", "name": name, "model_dir": mdir,
@@ -412,47 +488,41 @@ def package_app(folder: Path, app: str, fmt: str | None = None, out: Path | None
     staging = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
         staging.mkdir(parents=True)
-        dest = staging / mdir
+    except OSError as e:
+        raise UserError(f"cannot write the package at --out {out}: {e.strerror or e}; choose another folder") from None
+    try:
         # only the web splits: an app store takes one big file, a browser and a static host may not
         split_over = check.limit.bytes if app == "web" and check.over else None
-        prefix = artifact["file"] + "/"
-        files = [_copy_entry(folder, e, e["path"].removeprefix(prefix), dest, split_over) for e in entries]
+        files = [_copy_entry(folder, e, rel, staging, mdir, split_over) for e, rel in entries]
         pkg = {
-            "package_version": PACKAGE_VERSION, "app": app, "target": target,
+            "package_version": PACKAGE_VERSION, "app": app, "target": target, "name": name,
             "teacher": manifest.get("teacher"), "config_hash": manifest.get("config_hash"),
             "edgedistill_version": manifest.get("edgedistill_version"),
-            "format": artifact["format"], "runtime": _runtime(artifact),
-            "artifact": artifact["file"], "context": _context(folder, artifact),
+            "format": artifact["format"], "runtime": artifact["runtime"],
+            "artifact": artifact["file"], "context": artifact.get("context"),
             "chat_template": chat_template(folder, manifest, artifact),
-            "tokenizer": _tokenizer(artifact, entries),
+            "tokenizer": _tokenizer(artifact, [rel for _, rel in entries]),
             "layout": layout, "model_dir": mdir,
             "files": files, "total_bytes": sum(f["bytes"] for f in files),
             "size_check": check.record(advice),
         }
-        atomic.write_json(dest / PACKAGE_MANIFEST, pkg)
+        atomic.write_json(staging / mdir / PACKAGE_MANIFEST, pkg)
+        atomic.write_text(staging / MARKER, f"{mdir}/{PACKAGE_MANIFEST}\n")
         _write_extras(staging, app, layout, pkg, names)
-        _swap_in(staging, out)
+        try:
+            atomic.replace_dir(staging, out)
+        except OSError as e:
+            raise UserError(f"cannot put the package at --out {out}: {e.strerror or e}; choose another "
+                            f"folder") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return PackageResult(out=out, app=app, target=target, format=artifact["format"], name=name, layout=layout,
-                         model_dir=mdir, files=sum(len(f.get("parts", [f])) for f in files),
-                         total_bytes=pkg["total_bytes"], check=check, advice=advice)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace `out` with the finished staging folder (pipeline.publish's pattern)."""
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    return out, pkg
 
 
 def _write_extras(root: Path, app: str, layout: str, pkg: dict, names: dict) -> None:
     if layout == "install-time-asset-pack":
-        atomic.write_text(root / names["pack"] / "build.gradle.kts", ASSET_PACK_GRADLE.format(**names))
+        atomic.write_text(root / names["pack"] / ASSET_PACK_FILE, ASSET_PACK_GRADLE.format(**names))
     atomic.write_text(root / README, readme(app, layout, pkg, names))
 
 
@@ -622,13 +692,15 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def describe(result: PackageResult) -> list[str]:
+def describe(out: Path, pkg: dict) -> list[str]:
     """What the CLI prints: where the package is, what went in, and the size verdict with what to do."""
-    c = result.check
+    sc = pkg["size_check"]
+    n = sum(len(f.get("parts", [f])) for f in pkg["files"])
+    ceiling = f" ({sc['ceiling']}, {human(sc['ceiling_bytes'])})" if sc["over_ceiling"] else ""
     return [
-        f"packaged {result.format} from {result.target} for {result.app} in {result.out}",
-        f"  {result.model_dir}/: {result.files} file{'s' * (result.files != 1)}, {human(result.total_bytes)} "
-        f"({result.layout})",
-        f"  size: {human(c.bytes)} ({c.measured}) against {c.limit.what}, {human(c.limit.bytes)}: {c.verdict}",
-        f"  next: {result.advice}",
+        f"packaged {pkg['format']} from {pkg['target']} for {pkg['app']} in {out}",
+        f"  {pkg['model_dir']}/: {n} file{'s' * (n != 1)}, {human(pkg['total_bytes'])} ({pkg['layout']})",
+        f"  size: {human(sc['bytes'])} ({sc['measured']}) against {sc['limit']}, {human(sc['limit_bytes'])}: "
+        f"{sc['verdict']}{ceiling}",
+        f"  next: {sc['advice']}",
     ]

@@ -129,13 +129,36 @@ def _outputs(folder: Path) -> dict[str, str]:
             if p.is_file() and p.name != STAGE_FILE and not any(part.startswith("ckpt") for part in p.parts)}
 
 
+def _drop_leftovers(partial: Path) -> None:
+    """A killed run leaves the temporary files of its unfinished atomic writes (atomic.py names them
+    .<name>.<pid>.<id>.partial); a resumed stage rewrites those files, so they go."""
+    for leftover in partial.rglob(".*.partial"):
+        if leftover.is_file():
+            leftover.unlink()
+
+
+def _stats(folder: Path, outputs: dict) -> Optional[dict]:
+    """Size and modification time of each output: a cheap check that none changed since it was
+    hashed (renaming the stage folder keeps both). None when one is missing."""
+    stats = {}
+    for name in outputs:
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            return None
+        stats[name] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
 def _load_record(stage: Stage, key: str, folder: Path) -> Optional[Record]:
     marker = folder / STAGE_FILE
     if not marker.is_file():
         return None
     data = json.loads(marker.read_text())
-    if data.get("key") != key or not all((folder / name).is_file() for name in data.get("outputs", {})):
-        return None  # another key, or outputs that went missing: run the stage again
+    if data.get("key") != key or _stats(folder, data.get("outputs", {})) != data.get("stats"):
+        # another key, or outputs that went missing or changed since (a published file is a hard
+        # link to its stage output: an in-place edit of OUT/T/x changes the cache too): run it again
+        return None
     return Record(stage.name, key, folder, data["summary"], data["outputs_hash"], data.get("outputs", {}),
                   cached=True, seconds=data.get("seconds", 0.0))
 
@@ -155,6 +178,8 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     partial = final.with_name(final.name + ".partial")
     if partial.exists() and not session.resume:
         shutil.rmtree(partial)  # a crashed attempt; without --resume start the stage afresh
+    elif partial.exists():
+        _drop_leftovers(partial)
     partial.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(cfg, target, partial, {n: upstream[n] for n in stage.after}, session)
     t0 = time.perf_counter()
@@ -164,7 +189,7 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     outputs_hash = _digest({"outputs": outputs, "summary": summary})
     atomic.write_json(partial / STAGE_FILE, {"stage": stage.name, "key": key, "summary": summary,
                                              "outputs": outputs, "outputs_hash": outputs_hash,
-                                             "seconds": round(seconds, 2)})
+                                             "stats": _stats(partial, outputs), "seconds": round(seconds, 2)})
     for ckpt in partial.glob("ckpt*"):  # training checkpoints are only for resuming
         shutil.rmtree(ckpt, ignore_errors=True)
     if final.exists():  # an invalid earlier result under the same key (e.g. a deleted output)
@@ -199,12 +224,7 @@ def publish(out: Path, target: TargetProfile, files: dict[str, Path]) -> Path:
             shutil.copytree(src, dst, copy_function=_link_or_copy)
         else:
             _link_or_copy(src, dst)
-    old = out / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic.replace_dir(staging, final)
     return final
 
 

@@ -821,7 +821,7 @@ def manifest_for(report: dict, upstream: dict, report_json: Path) -> dict:
             "file": a["file"], "format": a["format"], "runtime": FORMATS[a["format"]].runtime, "bytes": a["bytes"],
             "sha256": a["sha256"], "context": report["student"]["context"], "quant": parity["quant"],
             "parity": {"top1_agreement": parity["top1_agreement"], "kl": parity["kl"],
-                       "weights_ok": parity["weights"]["ok"]},
+                       "weights_ok": parity["weights"]["ok"], "ok": all(c["ok"] for c in parity["checks"])},
         })
     return {
         "manifest_version": MANIFEST_VERSION, "target": report["target"], "teacher": report["teacher"]["id"],

@@ -42,7 +42,7 @@ STAGES: list[Stage] = [
     Stage("distill", distill_stage.run, after={"teacher": None, "init": None, "data": None, "plan": "student"},
           reads=("distill", "export", "seed", "eval.max_examples"), version=3),
     Stage("export", export_stage.run, after={"teacher": None, "distill": None, "plan": "export"},
-          reads=("export",), version=3),
+          reads=("export",), version=4),
     Stage("verify", verify.run, after={"teacher": None, "distill": None, "data": None, "export": None,
                                        "plan": "student"},
           reads=("eval.verify_tokens", "eval.parity_top1", "eval.parity_kl", "export"), version=7),
@@ -51,5 +51,5 @@ STAGES: list[Stage] = [
     Stage("budget", budget.run, after={"plan": None, "export": None}, reads=("target",)),
     Stage("report", report.run, after={"teacher": None, "plan": None, "data": None, "init": None, "distill": None,
                                        "export": None, "verify": None, "profile": None, "budget": None},
-          reads=("target",), version=3),
+          reads=("target",), version=4),
 ]

@@ -86,6 +86,7 @@ def check_files(src: TeacherSource) -> None:
         return
     if src.kind != "hf_dir":
         return
+    _check_pickles(Path(src.location))
     from safetensors import SafetensorError, safe_open
 
     for f in sorted(Path(src.location).glob("*.safetensors")):
@@ -95,6 +96,23 @@ def check_files(src: TeacherSource) -> None:
         except (SafetensorError, OSError) as e:
             raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
                             f"re-download or re-save the teacher") from None
+
+
+def _check_pickles(folder: Path) -> None:
+    """*.bin weights are pickles. Their opcodes are read without running them (torch lists the globals a
+    pickle would call) and any beyond tensors refused, before anything is written; the loader then
+    reads them with torch.load(weights_only=True) all the same."""
+    import torch
+
+    for f in sorted(folder.glob("*.bin")):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except Exception as e:  # noqa: BLE001 - whatever the reader trips on, the file is not a plain checkpoint
+            raise UserError(f"refused the teacher's pickle weights {f}: not a torch checkpoint of tensors "
+                            f"({type(e).__name__}); use safetensors weights") from None
+        if unsafe:
+            raise UserError(f"refused the teacher's pickle weights {f}: unpickling would call "
+                            f"{', '.join(unsafe[:3])}, more than tensors (it could run code); use safetensors weights")
 
 
 def fingerprint(src: TeacherSource) -> str:

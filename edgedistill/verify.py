@@ -254,68 +254,116 @@ def run(ctx) -> dict:
 
 
 def verify_published(folder: Path, *, parity: bool = True, progress: bool = True) -> dict:
-    """`edgedistill verify OUT/T`: the published files against manifest.json, then the parity gate
-    re-run on the folder alone (its student, its tokens, each artifact in its runtime).
+    """`edgedistill verify OUT/T`: the published files against manifest.json, the reports against
+    report.json, then the parity gate re-run on the folder alone (its student, its tokens, each
+    artifact in its runtime).
 
-    An artifact whose files, or the student's, fail the file check is not run: the gate would
-    measure a file the build never checked. ok is False on any file problem or failed check.
+    An artifact is run only when its files, the student's and the tokens' match the manifest, and
+    the hardened reader of `inspect` accepts it: the gate would otherwise measure a file the build
+    never checked, inside a runtime that trusts its input. ok is False on any problem or failed check.
     """
-    import json
-
-    from transformers import AutoTokenizer
-
     from edgedistill.build import quiet_libraries
-    from edgedistill.distill.quantized import QuantSpec, load_learned_scales
-    from edgedistill.distill.stage import load_student
-    from edgedistill.export.manifest import check_files, read_manifest
+    from edgedistill.export.manifest import check_files, read_manifest, under
 
     quiet_libraries()
     folder = Path(folder)
     manifest = read_manifest(folder)
     problems = check_files(folder, manifest)
     bad = {p.path for p in problems}
-    result = {"folder": str(folder), "target": manifest.get("target"), "files_checked": len(manifest["files"]),
+    problems += _rendering_problems(folder, bad)
+    result = {"folder": str(folder), "target": manifest["target"], "files_checked": len(manifest["files"]),
               "problems": [{"path": p.path, "problem": p.problem, "detail": p.detail} for p in problems],
               "artifacts": {}}
 
-    def damaged(prefix: str) -> bool:
-        return any(p == prefix or p.startswith(prefix + "/") for p in bad)
-
-    shared = [manifest["student"], manifest["parity"]["tokens_file"]]
-    runnable = [a for a in manifest["artifacts"] if not damaged(a["file"]) and not any(map(damaged, shared))]
+    shared_ok = not any(under(p, bad) for p in (manifest["student"], manifest["parity"]["tokens_file"]))
+    runnable = []
     for a in manifest["artifacts"]:
-        if a not in runnable:
-            result["artifacts"][a["format"]] = {"file": a["file"], "ran": False, "ok": False,
-                                                "why": "its files, the student or the tokens do not match the manifest"}
+        why = _why_not_runnable(folder, a, shared_ok and not under(a["file"], bad))
+        if why:
+            result["artifacts"][a["format"]] = {"file": a["file"], "ran": False, "ok": False, "why": why}
+        else:
+            runnable.append(a)
     if parity and runnable:
-        student = load_student(folder / manifest["student"])
-        learned = load_learned_scales(folder / manifest["student"])
-        tok = AutoTokenizer.from_pretrained(folder / manifest["student"])
-        tokens = json.loads((folder / manifest["parity"]["tokens_file"]).read_text())
-        bounds = manifest["parity"]
-        with task_progress("verify", len(runnable), progress) as advance:
-            for a in runnable:
-                got = check_artifact(folder / a["file"], a["format"], student, learned, QuantSpec.from_dict(a["quant"]),
-                                     tokens, tok, top1_min=bounds["top1"], kl_max=bounds["kl"])
-                result["artifacts"][a["format"]] = {
-                    "file": a["file"], "ran": True, "ok": all(c["ok"] for c in got["checks"]),
-                    "recorded": a["parity"], "checks": got["checks"],
-                    "now": {"top1_agreement": got["top1_agreement"], "kl": got["kl"], "weights_ok": got["weights"]["ok"]},
-                }
-                advance()
+        result["artifacts"] |= _rerun_gate(folder, manifest, runnable, progress)
     result["ok"] = not problems and all(r["ok"] for r in result["artifacts"].values())
     return result
 
 
+def _rendering_problems(folder: Path, bad: set[str]) -> list:
+    """report.md and report.html are not hashed (`edgedistill report` rewrites them), but they must be
+    what report.json renders to: a hand-edited verdict is a tampered file too."""
+    from edgedistill.export.manifest import FileProblem
+    from edgedistill.report import HTML_NAME, JSON_NAME, MD_NAME, load_report, to_html, to_markdown
+
+    if JSON_NAME in bad or not (folder / JSON_NAME).is_file():
+        return []
+    report = load_report(folder)
+    problems = []
+    for name, render in ((MD_NAME, to_markdown), (HTML_NAME, to_html)):
+        path = folder / name
+        if path.is_file() and path.read_text(encoding="utf-8", errors="replace") != render(report):
+            problems.append(FileProblem(name, "rendering", "differs from what report.json renders to (edited after "
+                                                           "the build); `edgedistill report` renders it again"))
+    return problems
+
+
+def _why_not_runnable(folder: Path, artifact: dict, files_ok: bool) -> str | None:
+    from edgedistill.distill.quantized import QuantSpec
+    from edgedistill.errors import UserError
+    from edgedistill.inspect import describe_artifact
+
+    if not files_ok:
+        return "its files, the student or the tokens do not match the manifest"
+    if artifact["format"] not in FORMATS:
+        return f"unknown format {artifact['format']!r}"
+    try:
+        QuantSpec.from_dict(artifact["quant"])
+        describe_artifact(folder / artifact["file"])
+    except (TypeError, ValueError) as e:
+        return f"its quantization record is malformed ({e})"
+    except UserError as e:
+        return f"it does not read as a sound artifact: {e}"
+    return None
+
+
+def _rerun_gate(folder: Path, manifest: dict, artifacts: list[dict], progress: bool) -> dict:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from edgedistill.distill.quantized import QuantSpec, load_learned_scales
+    from edgedistill.distill.stage import load_student
+
+    student_dir = folder / manifest["student"]
+    student, learned = load_student(student_dir), load_learned_scales(student_dir)
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    tokens = json.loads((folder / manifest["parity"]["tokens_file"]).read_text())
+    bounds = manifest["parity"]
+    results = {}
+    with task_progress("verify", len(artifacts), progress) as advance:
+        for a in artifacts:
+            got = check_artifact(folder / a["file"], a["format"], student, learned, QuantSpec.from_dict(a["quant"]),
+                                 tokens, tok, top1_min=bounds["top1"], kl_max=bounds["kl"])
+            results[a["format"]] = {
+                "file": a["file"], "ran": True, "ok": all(c["ok"] for c in got["checks"]),
+                "recorded": a["parity"], "checks": got["checks"],
+                "now": {"top1_agreement": got["top1_agreement"], "kl": got["kl"], "weights_ok": got["weights"]["ok"]},
+            }
+            advance()
+    return results
+
+
 def print_result(result: dict, console) -> None:
     """verify_published()'s result for a person: each file problem, then each artifact's gate."""
+    from rich.markup import escape
     from rich.table import Table
 
     n, problems = result["files_checked"], result["problems"]
     if problems:
         console.print(f"[red]✗[/red] {len(problems)} of {n} files do not match manifest.json:")
         for p in problems:
-            console.print(f"    {p['path']}: {p['detail']}", markup=False)
+            console.print(f"    {p['path']!r}: {p['detail']}" if not p["path"].isprintable()
+                          else f"    {p['path']}: {p['detail']}", markup=False, highlight=False)
     else:
         console.print(f"[green]✓[/green] {n} files match manifest.json (size and sha256), none missing or added")
     if result["artifacts"]:
@@ -323,18 +371,18 @@ def print_result(result: dict, console) -> None:
                       title="parity gate, re-run on this folder", title_justify="left")
         for fmt, r in result["artifacts"].items():
             if not r["ran"]:
-                table.add_row(r["file"], "no", "-", "-", "-", "[red]NO[/red]")
+                table.add_row(escape(r["file"]), "no", "-", "-", "-", "[red]NO[/red]")
                 continue
             rec, now = r["recorded"], r["now"]
-            table.add_row(r["file"], "yes", "equal" if now["weights_ok"] else "[red]differ[/red]",
+            table.add_row(escape(r["file"]), "yes", "equal" if now["weights_ok"] else "[red]differ[/red]",
                           f"{rec['top1_agreement']:.4f} → {now['top1_agreement']:.4f}",
                           f"{rec['kl']:.3g} → {now['kl']:.3g}", "yes" if r["ok"] else "[red]NO[/red]")
         console.print(table)
         for r in result["artifacts"].values():
             for c in r.get("checks", []):
                 if not c["ok"]:
-                    console.print(f"  [red]✗[/red] {r['file']}: {c['message']}", highlight=False)
+                    console.print(f"  ✗ {r['file']}: {c['message']}", markup=False, highlight=False)
             if not r["ran"]:
-                console.print(f"  [red]✗[/red] {r['file']} not run: {r['why']}", highlight=False)
+                console.print(f"  ✗ {r['file']} not run: {r['why']}", markup=False, highlight=False)
     verdict = "[green]VERIFIED[/green]" if result["ok"] else "[red]NOT VERIFIED[/red]"
-    console.print(f"{verdict} {result['folder']}", highlight=False)
+    console.print(f"{verdict} {escape(result['folder'])}", highlight=False)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,21 @@ def tiny_build(tmp_path_factory, tiny_teacher_dir, small_prompts):
     cfg = fast_config(tmp, out, tiny_teacher_dir, small_prompts, targets=("phone-4gb", "rpi5-8gb"))
     res = cli("build", "--config", cfg, "--no-progress")
     return res, out, cfg
+
+
+# ---- a build stopped by a signal at a point the test watches for (crash and resume tests)
+
+def build_until(cfg: Path, reached, sig: int, *extra: str) -> subprocess.CompletedProcess:
+    """Run the build and send `sig` as soon as reached() is true; fails if the build ends first."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgedistill.cli", "build", "--config", str(cfg), "--no-progress",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the kill reaches every child
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if reached():
+            os.killpg(proc.pid, sig)
+            out, err = proc.communicate(timeout=300)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=300)
+    pytest.fail(f"the build ended (exit {proc.returncode}) before the kill point was reached:\n{err[-2000:]}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY_STUDENT, cli, fast_config, smollm2_gguf_path
+from conftest import TINY_STUDENT, build_until, cli, fast_config, smollm2_gguf_path
 from edgedistill.targets import TARGETS_DIR
 
 
@@ -121,28 +122,43 @@ def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(make, needle, tmp
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", out]
+    before = sorted(Path(args[args.index("--out") + 1]).iterdir()) if Path(args[args.index("--out") + 1]).is_dir() else None
     res = cli("build", *args, "--student", TINY_STUDENT, "--no-progress")
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert needle in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert not out.exists(), "input is checked before anything is written"
+    given = Path(args[args.index("--out") + 1])
+    assert (sorted(given.iterdir()) if given.is_dir() else None) == before, "input is checked before anything is written"
+
+
+def _limited(cfg: Path, limit: int, *extra: str) -> subprocess.CompletedProcess:
+    """A build under a file size limit (RLIMIT_FSIZE), which stands in for a full disk: writes past it
+    fail with EFBIG, as they fail with ENOSPC on a full disk."""
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return subprocess.run([sys.executable, "-m", "edgedistill.cli", "build", "--config", str(cfg), "--no-progress",
+                           *extra], capture_output=True, text=True, timeout=900, preexec_fn=limit_files)
+
+
+def _says_disk_full(res: subprocess.CompletedProcess, out: Path) -> None:
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "the disk is full" in res.stderr and "--resume" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "phone-4gb").exists()
+    assert all(d.name.endswith(".partial") or (d / "stage.json").is_file() for d in (out / ".stages").iterdir())
 
 
 def test_a_full_disk_is_exit_2_and_resumable(tmp_path, tiny_teacher_dir, small_prompts):
-    """A file size limit (RLIMIT_FSIZE) stands in for a full disk: writes fail with EFBIG, as with ENOSPC."""
+    """Two places: the teacher's snapshot (safetensors keeps the errno) and a training checkpoint
+    (torch.save's writer drops it; the trainer says what it was)."""
     out = tmp_path / "out"
     cfg = fast_config(tmp_path, out, tiny_teacher_dir, small_prompts)
-
-    def limit_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-
-    full = subprocess.run([sys.executable, "-m", "edgedistill.cli", "build", "--config", str(cfg), "--no-progress"],
-                          capture_output=True, text=True, timeout=900, preexec_fn=limit_files)
-    assert full.returncode == 2, full.stderr[-2000:]
-    last = full.stderr.strip().splitlines()[-1]
-    assert "the disk is full" in full.stderr and "--resume" in full.stderr and "Traceback" not in full.stderr, last
-    assert not (out / "phone-4gb").exists()
-    assert all(d.name.endswith(".partial") or (d / "stage.json").is_file() for d in (out / ".stages").iterdir())
+    _says_disk_full(_limited(cfg, 1 << 20), out)  # the 13 MB teacher snapshot
+    # past the teacher (no limit), then the first checkpoint under a limit its optimizer state exceeds
+    build_until(cfg, lambda: any((out / ".stages").glob("distill-*.partial")), signal.SIGKILL, "--resume")
+    full = _limited(cfg, 10 << 20, "--resume")
+    _says_disk_full(full, out)
+    assert "training checkpoint" in full.stderr
 
     res = cli("build", "--config", cfg, "--no-progress", "--resume")
     assert res.returncode == 0, res.stderr[-2000:]

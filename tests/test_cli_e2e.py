@@ -136,6 +136,13 @@ def test_a_corrupted_artifact_fails_the_parity_gate_with_exit_1(tmp_path, tiny_t
         d = np.frombuffer(f.read(2), np.float16)[0]
         f.seek(tensor.data_offset)
         f.write(np.float16(d * 1.5).tobytes())
+    # as if the exporter itself had written the wrong scale: the stage record vouches for the file (an
+    # edit after the stage finished would be caught by the cache and the stage run again)
+    record = out / ".stages" / export / "stage.json"
+    meta = json.loads(record.read_text())
+    st = path.stat()
+    meta["stats"]["model-q4_0.gguf"] = [st.st_size, st.st_mtime_ns]
+    record.write_text(json.dumps(meta))
     cfg = fast_config(tmp_path, out, tiny_teacher_dir, small_prompts)
     res = cli("build", "--config", cfg, "--no-progress")
     assert res.returncode == 1, res.stderr[-3000:]

@@ -7,17 +7,15 @@ a stage's `.partial` folder appearing, the first training checkpoint, the first 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import fast_config
+from conftest import build_until, fast_config
 from edgedistill.export.manifest import MANIFEST, check_files, read_manifest
 
 STEPS = 120  # long enough that training outlasts the test's polling by seconds
@@ -28,26 +26,6 @@ def _config(tmp: Path, out: Path, teacher: Path, prompts: Path) -> Path:
     cfg.write_text(cfg.read_text().replace("steps = 4\n", f"steps = {STEPS}\n").replace(
         "checkpoint_every = 2\n", "checkpoint_every = 10\n"))
     return cfg
-
-
-def _start(cfg: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgedistill.cli", "build", "--config", str(cfg), "--no-progress",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def _run_until(cfg: Path, reached, sig: int, *extra: str) -> subprocess.CompletedProcess:
-    """Run the build and send `sig` as soon as reached() is true; fails if the build ends first."""
-    proc = _start(cfg, *extra)
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        if reached():
-            os.killpg(proc.pid, sig)
-            out, err = proc.communicate(timeout=300)
-            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        time.sleep(0.005)
-    out, err = proc.communicate(timeout=300)
-    pytest.fail(f"the build ended (exit {proc.returncode}) before the kill point was reached:\n{err[-2000:]}")
 
 
 def _partial(out: Path, stage: str):
@@ -103,17 +81,21 @@ def test_killed_at_every_stage_and_resumed_gives_identical_artifacts(tmp_path, t
         ("mid-training, after the first checkpoint", _checkpoint_at_least(out, 10)),
         ("mid-training, later", _checkpoint_at_least(out, 60)),
         ("mid-export", _first_export_file(out)),
+        ("verifying", _partial(out, "verify")),
         ("measuring", _partial(out, "profile")),
     ]
     for i, (where, reached) in enumerate(kill_points):
-        res = _run_until(cfg, reached, signal.SIGKILL, *(["--resume"] if i else []))
+        res = build_until(cfg, reached, signal.SIGKILL, *(["--resume"] if i else []))
         assert res.returncode == -signal.SIGKILL, (where, res.stderr[-2000:])
         _nothing_looks_finished(out)
     res = subprocess.run([sys.executable, "-m", "edgedistill.cli", "build", "--config", str(cfg), "--no-progress",
                           "--resume"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "cached" in res.stderr  # the stages finished before the last kill were not run again
-    assert _artifact_hashes(out / "phone-4gb") == reference
+    resumed = _artifact_hashes(out / "phone-4gb")
+    print(json.dumps({"kill_points": [w for w, _ in kill_points], "files": len(resumed),
+                      "sha256": {k: v for k, v in resumed.items() if "/" not in k}}, indent=1))  # for the record (-s)
+    assert resumed == reference
     assert check_files(out / "phone-4gb") == []
     assert not list(out.rglob("*.partial")) and not list(out.rglob(".*.partial"))
 
@@ -121,7 +103,7 @@ def test_killed_at_every_stage_and_resumed_gives_identical_artifacts(tmp_path, t
 def test_ctrl_c_stops_at_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_teacher_dir, small_prompts, reference):
     out = tmp_path / "out"
     cfg = _config(tmp_path, out, tiny_teacher_dir, small_prompts)
-    res = _run_until(cfg, _checkpoint_at_least(out, 10), signal.SIGINT)
+    res = build_until(cfg, _checkpoint_at_least(out, 10), signal.SIGINT)
     assert res.returncode == 130, res.stderr[-2000:]
     assert "--resume" in res.stderr and "checkpoint saved" in res.stderr and "Traceback" not in res.stderr
     _nothing_looks_finished(out)

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import cli, fast_config
 from edgedistill.export.manifest import MANIFEST, check_files, read_manifest
 from edgedistill.pipeline import file_sha256
 
@@ -112,3 +112,58 @@ def test_a_folder_that_is_not_a_build_is_exit_2(tmp_path, make, needle):
     res = cli("verify", tmp_path)
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_an_in_place_edit_of_a_published_file_does_not_poison_the_cache(tiny_build, tmp_path, tiny_teacher_dir,
+                                                                        small_prompts):
+    """Published files are hard links to the stage outputs, so an in-place edit reaches the cache; the
+    next build must notice (size/mtime against stage.json) and rebuild, not publish the edited file."""
+    _, shared_out, _ = tiny_build
+    out = tmp_path / "out"
+    shutil.copytree(shared_out / ".stages", out / ".stages")  # copy2 keeps the mtimes: all cached
+    cfg = fast_config(tmp_path, out, tiny_teacher_dir, small_prompts, targets=("phone-4gb", "rpi5-8gb"))
+    first = cli("build", "--config", cfg, "--no-progress")
+    assert first.returncode == 0 and "export 0" not in first.stderr, first.stderr[-2000:]
+    published = out / "phone-4gb" / "model-q8_0.gguf"
+    original = file_sha256(published)
+    with open(published, "r+b") as f:  # as gguf's own metadata editor does: in place
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    again = cli("build", "--config", cfg, "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert check_files(out / "phone-4gb") == []
+    assert file_sha256(out / "phone-4gb" / "model-q8_0.gguf") == original
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda m: m["files"][0].update(path="../outside"), "not a plain path inside the folder"),
+    (lambda m: m["files"][0].update(path="/etc/passwd"), "not a plain path inside the folder"),
+    (lambda m: m["files"][0].update(path="student//config.json"), "not a plain path inside the folder"),
+    (lambda m: m["files"].append(dict(m["files"][0])), "is listed twice"),
+    (lambda m: m["files"][0].update(bytes="1"), "has no valid size"),
+    (lambda m: m["files"][0].update(sha256="abc"), "has no valid sha256"),
+    (lambda m: m.pop("student"), "no valid 'student'"),
+    (lambda m: m["artifacts"][0].update(file="elsewhere.gguf"), "is not listed"),
+])
+def test_a_malformed_manifest_is_bad_input_not_a_crash(published, mutate, needle):
+    manifest = json.loads((published / MANIFEST).read_text())
+    mutate(manifest)
+    (published / MANIFEST).write_text(json.dumps(manifest))
+    for args in (["--files-only"], []):
+        res = cli("verify", published, *args)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "is malformed" in res.stderr and needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_links_and_edited_reports_are_named(published, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not built")
+    (published / "student" / "extra.txt").symlink_to(outside)
+    (published / "onnx-int4" / "linked").symlink_to(tmp_path)
+    md = published / "report.md"
+    md.write_text(md.read_text().replace("PASS", "PASS (edited)") + "\nall good\n")
+    res = cli("verify", published, "--files-only", "--no-progress")
+    assert res.returncode == 1, res.stdout[-2000:]
+    assert "student/extra.txt: a link the build did not write" in res.stdout
+    assert "onnx-int4/linked: a link the build did not write" in res.stdout
+    assert "report.md: differs from what report.json renders to" in res.stdout

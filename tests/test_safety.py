@@ -87,28 +87,69 @@ def test_no_source_file_loads_pickles_evaluates_text_or_trusts_remote_code():
     assert found == []
 
 
-def _payload_bin(path: Path, marker: Path) -> None:
-    """A pytorch_model.bin whose unpickling would create `marker`: what a hostile checkpoint does."""
+class _Payload:
+    """What a hostile checkpoint holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _raw_pickle(path: Path, marker: Path) -> None:
     import pickle
 
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    path.write_bytes(pickle.dumps({"model.embed_tokens.weight": Payload()}))
+    path.write_bytes(pickle.dumps({"model.embed_tokens.weight": _Payload(marker)}))
 
 
-def test_a_hostile_pickle_teacher_is_refused_and_never_runs(tmp_path, tiny_teacher_dir):
+def _torch_zip_pickle(path: Path, marker: Path) -> None:
+    """torch.save's zip layout, with the hostile object in its data.pkl (torch.save itself would run it)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    torch.save({"model.embed_tokens.weight": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in entries if n.endswith("data.pkl"))
+    entries[pkl] = pickle.dumps({"model.embed_tokens.weight": _Payload(marker)}, protocol=2)
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+
+
+@pytest.mark.parametrize("write, needle", [(_raw_pickle, "not a torch checkpoint of tensors"),
+                                           (_torch_zip_pickle, "unpickling would call posix.system")])
+def test_a_hostile_pickle_teacher_is_refused_and_never_runs(tmp_path, tiny_teacher_dir, write, needle):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_teacher_dir, teacher)
     (teacher / "model.safetensors").unlink()
     marker = tmp_path / "PWNED"
-    _payload_bin(teacher / "pytorch_model.bin", marker)
+    write(teacher / "pytorch_model.bin", marker)
+    out = tmp_path / "out"
     res = cli("build", "--teacher", teacher, "--student", TINY_STUDENT, "--target", "rpi5-8gb",
-              "--out", tmp_path / "out", "--no-progress")
+              "--out", out, "--no-progress")
     assert not marker.exists(), "the pickle's code ran"
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "refused the teacher's pickle weights" in res.stderr and "Traceback" not in res.stderr
+    assert "refused the teacher's pickle weights" in res.stderr and needle in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists(), "refused before anything is written"
+
+
+def test_plain_pickle_weights_still_load_through_weights_only(tmp_path, tiny_teacher_dir):
+    """The check refuses hostile pickles, not *.bin teachers: tensors alone pass and the build plans."""
+    import torch
+    from safetensors.torch import load_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    torch.save(load_file(teacher / "model.safetensors"), teacher / "pytorch_model.bin")
+    (teacher / "model.safetensors").unlink()
+    res = cli("build", "--teacher", teacher, "--student", TINY_STUDENT, "--target", "rpi5-8gb",
+              "--out", tmp_path / "out", "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_remote_code_is_never_run_unless_asked(tmp_path, tiny_teacher_dir):

@@ -7,10 +7,12 @@ everything a resumed run needs to end with bit-identical weights to an uninterru
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -149,6 +151,18 @@ def _latest_checkpoint(workdir: Path) -> Path | None:
     return None
 
 
+def _out_of_room(folder: Path) -> int | None:
+    """The errno a failed write most likely had: ENOSPC when the disk is (nearly) full, EFBIG when
+    this process runs under a file size limit; None when room is not the problem."""
+    import resource  # Unix only, like the limit it reads
+
+    if shutil.disk_usage(folder).free < 64 << 20:
+        return errno.ENOSPC
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    return None
+
+
 def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dict, workdir: Path) -> None:
     """Write the checkpoint to ckpt.tmp, then swap it in for ckpt; meta.json is written last."""
     tmp, final, old = workdir / "ckpt.tmp", workdir / "ckpt", workdir / "ckpt.old"
@@ -166,6 +180,12 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
     other.setLevel(logging.ERROR)
     try:
         accelerator.save_state(str(tmp))
+    except RuntimeError as e:
+        # torch.save's writer drops the errno of a failed write ("unexpected pos ..."): say what it was
+        code = _out_of_room(workdir)
+        if code is None:
+            raise
+        raise OSError(code, f"{os.strerror(code)} while writing the training checkpoint") from e
     finally:
         other.setLevel(level)
     if spec is not None:
@@ -181,24 +201,30 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
 
 
 class _StopRequest:
-    """Ctrl-C during training asks for a stop at the end of the current step, after a checkpoint;
-    a second Ctrl-C stops at once. Only the main thread can take signals, so elsewhere it stays out."""
+    """Ctrl-C (or SIGTERM) during training asks for a stop at the end of the current step, after a
+    checkpoint; a second one stops at once. Only the main thread can take signals, so elsewhere it stays out."""
 
     def __init__(self):
         self.asked, self._previous = False, None
 
+    # SIGTERM too: under `accelerate launch` torchrun's agent passes a Ctrl-C on to the workers as SIGTERM
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._ask)
+            # getsignal gives None for a handler installed from C; the default then is Python's own
+            self._previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                signal.signal(s, self._ask)
         return self
 
     def _ask(self, signum, frame):
         self.asked = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.__exit__()  # a second signal acts at once
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in (self._previous or {}).items():
+            signal.signal(s, handler)
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """Whether any process was asked: they all stop at the same step, or the collectives would hang."""

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgedistill import atomic
 from edgedistill.distill.quantized import (
     SCALES_FILE,
     QuantizedWeight,
@@ -49,6 +50,7 @@ from edgedistill.formats import TENSOR_GROUPS, tensor_group
 BITS = {"onnx-int4": 4, "onnx-int8": 8}
 INFO_FILE = "edgedistill_onnx.json"
 MODEL_FILE = "model.onnx"
+HF_CONFIG_FILES = ("config.json", "generation_config.json")  # copied from the student, for HF-style loaders
 EMBED_PREFIX = "/model/embed_tokens/"
 EMBED_GATHER = EMBED_PREFIX + "Gather"
 EMBED_NAME, LM_HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
@@ -96,6 +98,11 @@ def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int =
     try:
         _run_builder(student_dir, partial, bits, accuracy_level, tied)
         _write_quantized(partial, student_dir, schemes, tied)
+        # The builder writes no config.json; optimum's ORTModelForCausalLM reads the model type and
+        # the KV-cache shape from it (and the generation defaults from generation_config.json).
+        for name in HF_CONFIG_FILES:
+            if (student_dir / name).is_file():
+                shutil.copyfile(student_dir / name, partial / name)
         info = {
             "format": fmt, "bits": bits, "block_size": block_size, "symmetric": symmetric,
             "int8_per_channel": int8_per_channel,
@@ -111,7 +118,7 @@ def export_onnx(student_dir: Path, out_dir: Path, fmt: str, *, block_size: int =
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _replace_dir(partial, out_dir)
+    atomic.replace_dir(partial, out_dir)
 
 
 def group_schemes(fmt: str, block_size: int, symmetric: bool, int8_per_channel: bool,
@@ -349,16 +356,6 @@ def _drop_unused_initializers(graph) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict:
