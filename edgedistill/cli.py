@@ -137,18 +137,21 @@ def package(
     fmt: Optional[str] = typer.Option(None, "--format", help="the artifact to package, e.g. gguf-q8_0 or onnx-int4 "
                                                              "(default: the build's first GGUF)"),
     out: Optional[Path] = typer.Option(None, help="package folder (default: OUT/package-<target>-<app>, beside "
-                                                  "the build folder); replaced if it holds an earlier package"),
+                                                  "the build folder); must be new, empty or an earlier package"),
     name: Optional[str] = typer.Option(None, help="model folder, bundle and asset pack name (default: <target>-<quant>)"),
     limit_mb: Optional[float] = typer.Option(None, help="check against this many MB (10^6 bytes) instead of the "
                                                         "platform's limit, e.g. 25 for a host's per-file cap"),
 ):
-    """Lay out one artifact for an Android, iOS or web app, with a manifest, a README and a size check."""
-    from edgedistill.package import describe, package_app
+    """Lay out one artifact for an Android, iOS or web app, with a manifest, a README and a size check.
+    Exit 0 packaged (also over the platform's limit: the fallback layout is written), 1 packaged but
+    over the platform's ceiling, so it cannot ship that way, 2 bad input (a changed build folder, an
+    artifact that failed parity, an --out that is not a package)."""
+    from edgedistill.package import describe, limit_bytes_of, package_app
 
-    result = package_app(folder, app_name, fmt=fmt, out=out, name=name,
-                         limit_bytes=None if limit_mb is None else int(limit_mb * 1000 ** 2))
-    for line in describe(result):
+    out_dir, pkg = package_app(folder, app_name, fmt=fmt, out=out, name=name, limit_bytes=limit_bytes_of(limit_mb))
+    for line in describe(out_dir, pkg):
         Console(soft_wrap=True).print(line, highlight=False, markup=False)
+    raise typer.Exit(1 if pkg["size_check"]["over_ceiling"] else 0)
 
 
 @app.command()
@@ -184,8 +187,42 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
+@app.command()
+def bench(
+    artifacts: List[Path] = typer.Argument(..., help="artifacts to measure: .gguf files or ONNX folders"),
+    threads: Optional[int] = typer.Option(None, help="runtime threads (default: half the usable cores, at least 1)"),
+    repeats: int = typer.Option(5, help="fresh processes per artifact; each gives one sample of every metric"),
+    new_tokens: int = typer.Option(32, help="tokens generated per timed run"),
+    prompt_tokens: int = typer.Option(64, help="prompt length (fixed token ids)"),
+    baseline: Optional[Path] = typer.Option(None, help="a file written by an earlier --save to compare with"),
+    save: Optional[Path] = typer.Option(None, help="write this run (fingerprint, samples, medians) here, "
+                                                   "for use as a later --baseline"),
+    tolerance: float = typer.Option(10.0, help="percent a median may worsen before it can count as a regression"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+):
+    """Latency regression benchmark: measure artifacts with a fixed protocol and compare with a baseline.
+    A metric regressed when its median is worse than the baseline's by more than --tolerance AND outside
+    the baseline's min-max. Exit 0 no regression, 1 a regression, 2 bad input or a baseline that is not
+    comparable (another artifact, machine or protocol)."""
+    from edgedistill import bench as benchmod
+
+    result = benchmod.run(artifacts, threads=threads, repeats=repeats, new_tokens=new_tokens,
+                          prompt_tokens=prompt_tokens, baseline=baseline, save=save, tolerance=tolerance,
+                          command=benchmod.command_line(), progress=err.is_terminal)
+    if json_out:
+        Console().print_json(data=result)
+        if result["message"]:
+            err.print(result["message"], highlight=False, markup=False, soft_wrap=True)
+    else:
+        benchmod.print_result(result, Console(width=max(Console().width, 120)), err)
+    raise typer.Exit(result["exit_code"])
+
+
 def main() -> None:
     debug = os.environ.get("EDGEDISTILL_DEBUG") == "1"
+    # only a build keeps finished stages to resume from; other commands are simply run again
+    again = ("run the same command with --resume; finished stages are kept" if sys.argv[1:2] == ["build"]
+             else "run the same command again")
     try:
         rc = app(standalone_mode=False)
     except typer.Exit as e:
@@ -203,9 +240,9 @@ def main() -> None:
         if type(e).__name__ == "Abort":
             rc = 130
         elif _disk_full(e) and not debug:
-            err.print(f"[red]error:[/red] the disk is full (or a file size limit was reached): {escape(str(e).splitlines()[0][:200])}. "
-                      "Free some space or choose --out on another disk, then run the same command with --resume; "
-                      "finished stages are kept", highlight=False, soft_wrap=True)
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            err.print(f"[red]error:[/red] the disk is full (or a file size limit was reached): {escape(first)}. "
+                      f"Free some space or choose another --out, then {again}", highlight=False, soft_wrap=True)
             sys.exit(2)
         elif debug:
             raise
@@ -214,7 +251,7 @@ def main() -> None:
                       highlight=False, soft_wrap=True)
             sys.exit(3)
     if rc == 130:  # typer turns Ctrl-C into exit code 130
-        err.print("interrupted; finished stages are kept. Continue with the same command and --resume")
+        err.print(f"interrupted; {again}")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
