@@ -155,9 +155,11 @@ def _load_record(stage: Stage, key: str, folder: Path) -> Optional[Record]:
     if not marker.is_file():
         return None
     data = json.loads(marker.read_text())
-    if data.get("key") != key or _stats(folder, data.get("outputs", {})) != data.get("stats"):
-        # another key, or outputs that went missing or changed since (a published file is a hard
-        # link to its stage output: an in-place edit of OUT/T/x changes the cache too): run it again
+    stats = _stats(folder, data.get("outputs", {}))
+    # another key, or outputs that went missing or changed since (a published file is a hard link to
+    # its stage output: an in-place edit of OUT/T/x changes the cache too): run it again. A record
+    # from before stats were kept is checked for missing outputs only.
+    if data.get("key") != key or stats is None or stats != data.get("stats", stats):
         return None
     return Record(stage.name, key, folder, data["summary"], data["outputs_hash"], data.get("outputs", {}),
                   cached=True, seconds=data.get("seconds", 0.0))
