@@ -191,7 +191,7 @@ def _disk_full(e: BaseException | None) -> bool:
 def bench(
     artifacts: List[Path] = typer.Argument(..., help="artifacts to measure: .gguf files or ONNX folders"),
     threads: Optional[int] = typer.Option(None, help="runtime threads (default: half the usable cores, at least 1)"),
-    repeats: int = typer.Option(5, help="fresh processes per artifact; each gives one sample of every metric"),
+    repeats: int = typer.Option(5, help="fresh processes per artifact, each: one load, a warm-up, 3 timed runs"),
     new_tokens: int = typer.Option(32, help="tokens generated per timed run"),
     prompt_tokens: int = typer.Option(64, help="prompt length (fixed token ids)"),
     baseline: Optional[Path] = typer.Option(None, help="a file written by an earlier --save to compare with"),
