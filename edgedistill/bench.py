@@ -304,14 +304,9 @@ def load_baseline(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"baseline not found: {path}")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"baseline {path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"baseline {path}, line {e.lineno}: not valid JSON: {e.msg}") from None
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"baseline {path}: not valid JSON: {str(e)[:80] or 'nested too deeply'}") from None
+    from edgedistill.settings_files import read_json
+
+    data = read_json(path, f"baseline {path}")
 
     def bad(what: str) -> UserError:
         return UserError(f"baseline {path}: not an edgedistill bench result ({what}); write one with "

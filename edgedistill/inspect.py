@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from edgedistill.errors import UserError
+from edgedistill.settings_files import read_json
 
 
 def describe_artifact(path: Path) -> dict:
@@ -328,16 +329,7 @@ def _genai_config(folder: Path) -> dict:
     path = folder / "genai_config.json"
     if not path.is_file():
         return {}
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
-    except RecursionError:  # json recurses once per nested array or object
-        raise UserError(f"{path}: not valid JSON: nested too deeply") from None
-    except ValueError as e:  # a number longer than Python converts (sys.get_int_max_str_digits)
-        raise UserError(f"{path}: not valid JSON: {str(e)[:80]}") from None
+    cfg = read_json(path, str(path))
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("decoder", {}), dict):
         raise UserError(f"{path}: expected an object \"model\" with an object \"decoder\"")

@@ -8,6 +8,7 @@ the parser's recursion, numbers too long to convert, unknown or invalid fields, 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import tomllib
@@ -270,3 +271,18 @@ def _one_line(s: str) -> str:
 
 def _short(s: str, n: int) -> str:
     return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def read_json(path: Path, label: str):
+    """A JSON file given by the user or found beside an artifact; every way it can be broken is one
+    UserError starting with `label` (e.g. the path)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{label}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{label}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    except RecursionError:  # json recurses once per nested array or object
+        raise UserError(f"{label}: not valid JSON: nested too deeply") from None
+    except ValueError as e:  # a number longer than Python converts (sys.get_int_max_str_digits)
+        raise UserError(f"{label}: not valid JSON: {str(e)[:80]}") from None

@@ -153,25 +153,9 @@ def test_mutated_profiles_give_a_clear_error_or_a_valid_profile(work, name, data
         assert all_finite(profile.model_dump()), profile
 
 
-GOOD = """\
-name = "my-board"
-context = 1024
-formats = ["gguf-q4_0"]
+from test_targets import GOOD as _GOOD  # noqa: E402 - the one valid small profile of the tests
 
-[device]
-ram_gb = 2.0
-bandwidth_gb_s = 10.0
-compute_gflops = 100.0
-active_power_w = 3.0
-
-[budget]
-memory_gb = 0.5
-artifact_gb = 0.3
-min_decode_tok_s = 5.0
-max_ttft_s = 2.0
-prompt_tokens = 128
-runtime_overhead_mb = 50.0
-"""
+GOOD = _GOOD.lstrip("\n")  # the line numbers below count from its first line
 
 
 def line_of(text: str, needle: str) -> int:
