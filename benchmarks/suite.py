@@ -134,7 +134,7 @@ def distill_throughput(student_dir: Path, tok_dir: Path, work: Path) -> dict:
 
 
 def export_times(student_dir: Path, work: Path) -> tuple[dict, list[Path]]:
-    from edgedistill.bench import artifact_sha256
+    from edgedistill.export.manifest import artifact_sha256
     from edgedistill.export.gguf import export_gguf
     from edgedistill.export.onnx import export_onnx
 

@@ -57,7 +57,6 @@ options) is exit 2 with one line, and nothing is measured or written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -68,6 +67,7 @@ from pathlib import Path
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
+from edgedistill.export.manifest import artifact_sha256
 
 SCHEMA = "edgedistill-bench/1"
 RUNS_PER_PROCESS = 3  # timed generations in each child process (after its warm-up)
@@ -208,19 +208,6 @@ def _show(v) -> str:
 # --------------------------------------------------------------------------------------- artifacts
 
 
-def artifact_sha256(path: Path) -> str:
-    """sha256 of a file; of a folder, over each file's relative path and bytes in sorted order."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def artifact_format(path: Path, desc: dict) -> str:
     """The format from the artifact itself: a GGUF's tensor types, an ONNX folder's export record or bits."""
     if desc["container"] == "gguf":
@@ -357,7 +344,7 @@ def measure(artifacts: list[Path], *, threads: int, repeats: int, new_tokens: in
     for p, d in zip(artifacts, descs):
         p = Path(p)
         arts.append({"file": p.name, "path": str(p.resolve()), "format": artifact_format(p, d),
-                     "bytes": d["bytes"], "sha256": artifact_sha256(p),
+                     "bytes": d["bytes"], "sha256": artifact_sha256(p),  # as report.json and manifest.json name it
                      "prompt": prompt_ids(prompt_tokens, d["vocab_size"]),
                      "processes": []})
     started, load_before = time.time(), _load_avg()

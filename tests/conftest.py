@@ -120,6 +120,15 @@ def tiny_build(tmp_path_factory, tiny_teacher_dir, small_prompts):
     return res, out, cfg
 
 
+@pytest.fixture(scope="session")
+def real_build(tmp_path_factory):
+    """The README's build: the real default teacher, phone-4gb, quick preset (minutes)."""
+    out = tmp_path_factory.mktemp("real") / "out"
+    res = subprocess.run([sys.executable, "-m", "edgedistill.cli", "build", "--target", "phone-4gb", "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True, timeout=40 * 60)
+    return res, out
+
+
 # ---- a build stopped by a signal at a point the test watches for (crash and resume tests)
 
 def build_until(cfg: Path, reached, sig: int, *extra: str) -> subprocess.CompletedProcess:
@@ -136,3 +145,37 @@ def build_until(cfg: Path, reached, sig: int, *extra: str) -> subprocess.Complet
         time.sleep(0.005)
     out, err = proc.communicate(timeout=300)
     pytest.fail(f"the build ended (exit {proc.returncode}) before the kill point was reached:\n{err[-2000:]}")
+
+
+# ---- headless Chromium (Debian's `chromium` package) driven by Playwright ------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags for a closed network, as root: without the background-networking ones Chromium keeps
+# trying Google's hosts at every start; --no-sandbox because CI runs as root.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def require(present: bool, why: str) -> None:
+    """Tests that need something outside Python's packages (Debian's Chromium, the web app's npm
+    packages, optimum's own environment) skip without it on a developer's machine, and fail where
+    EDGEDISTILL_REQUIRE_ALL is set: .ci/run installs all of them and sets it, so CI never skips."""
+    if present:
+        return
+    if os.environ.get("EDGEDISTILL_REQUIRE_ALL"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium (see require())."""
+    require(CHROMIUM.exists(), f"{CHROMIUM} not found: install Debian's chromium package (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -250,3 +250,18 @@ def test_a_rerun_passes_and_a_slowed_environment_is_caught(artifact, tmp_path):
 def _table(c: dict) -> str:
     return "\n".join(f"{k}: {m['verdict']} {m.get('change_pct')} base {m['baseline']} new {m['new']}"
                      for k, m in c["metrics"].items())
+
+
+def test_an_artifact_has_one_sha256_in_bench_report_and_manifest(tiny_build):
+    """A baseline names its artifact by the digest the build published, so a user can match the two."""
+    res, out, _ = tiny_build
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = out / "phone-4gb"
+    report = json.loads((folder / "report.json").read_text())
+    manifest = {a["file"]: a["sha256"] for a in json.loads((folder / "manifest.json").read_text())["artifacts"]}
+    kinds = set()
+    for art in report["artifacts"]:
+        path = folder / art["file"]
+        kinds.add(path.is_dir())
+        assert bench.artifact_sha256(path) == art["sha256"] == manifest[art["file"]], art["file"]
+    assert kinds == {True, False}  # GGUF files and ONNX folders both

@@ -7,22 +7,12 @@ checks what the build says against what the files are, and that distillation hel
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from edgedistill.runtime import load_runner
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def real_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("real") / "out"
-    res = subprocess.run([sys.executable, "-m", "edgedistill.cli", "build", "--target", "phone-4gb", "--out", str(out),
-                          "--no-progress"], capture_output=True, text=True, timeout=40 * 60)
-    return res, out
 
 
 def test_default_build_passes_its_budgets(real_build):

@@ -32,6 +32,26 @@ class FileProblem:
         return f"{self.path!r}: {self.detail}" if not self.path.isprintable() else f"{self.path}: {self.detail}"
 
 
+def folder_sha256(file_hashes: dict[str, str]) -> str:
+    """One sha256 for an artifact folder (ONNX): over each file's relative path and sha256, in order.
+    report.json, manifest.json and `edgedistill bench` name a folder artifact by this digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel, digest in sorted(file_hashes.items()):
+        h.update(f"{rel}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+def artifact_sha256(path: Path) -> str:
+    """An artifact's sha256: a file's own, a folder's folder_sha256."""
+    from edgedistill.pipeline import file_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    return folder_sha256({f.relative_to(path).as_posix(): file_sha256(f) for f in path.rglob("*") if f.is_file()})
+
+
 def file_entry(path: str, sha256: str, size: int) -> dict:
     return {"path": path, "bytes": size, "sha256": sha256}
 

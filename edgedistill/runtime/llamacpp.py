@@ -20,10 +20,12 @@ class LlamaCppRunner:
     def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
         import llama_cpp
 
-        # logits_all: llama.cpp keeps the logits of every position, which `logits` returns
+        # logits_all: llama.cpp keeps the logits of every position, which `logits` returns.
+        # n_threads_batch too: left out, prompt processing takes every core whatever n_threads says.
         with _quiet_stderr():
             self._llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, verbose=False
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True,
+                verbose=False,
             )
         self.path = Path(path)
         self.n_ctx = n_ctx

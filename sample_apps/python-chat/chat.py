@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(path: str, threads: int | None, ctx: int):
     from llama_cpp import Llama
 
-    return Llama(model_path=path, n_ctx=ctx, n_threads=threads, verbose=False)
+    return Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def stream_reply(llm, messages: list[dict], args) -> str:
