@@ -5,6 +5,9 @@ Every check is a plain dict:
 `op` is "<=" (value must not exceed limit) or ">=" (value must reach limit); `margin_pct` is the
 headroom relative to the limit, positive when the budget is met and negative when it is missed;
 `basis` is "projected" (from measure.project) or "measured" (e.g. the artifact's file size).
+Projected speed and energy checks also carry `trusted` and `host_error_pct`: whether the model behind
+the figure predicted this host's own measurements within measure.project.TRUST_BOUND_PCT. Under
+--strict (config `strict = true`) an untrusted figure fails, whatever its margin.
 """
 
 from __future__ import annotations
@@ -89,6 +92,47 @@ def check_artifact(target: TargetProfile, *, artifact_bytes: int, projected: dic
     return checks
 
 
+# Which speed model each projected figure comes from: the host check validates these models, and
+# --strict fails a figure whose model missed the host's own measurements.
+MODELS_OF_CHECK = {
+    "decode_tok_s": ("decode",),
+    "ttft_ms": ("prefill",),
+    "energy_j_per_100_tokens": ("decode",),
+    "battery_pct_per_hour": ("decode", "prefill"),
+}
+
+
+def apply_host_trust(checks: list[dict], validation: dict | None, *, strict: bool) -> list[dict]:
+    """Copies of `checks` marked with the host error of the model behind each projected figure.
+
+    A projected check gains `trusted` (True/False) and `host_error_pct` (the worst of its models).
+    Untrusted, its message says so; with `strict` it also fails, whatever its margin. A model the
+    host could not validate (no measurement) counts as untrusted. Other checks pass through as they are.
+    """
+    out = []
+    for c in checks:
+        c = dict(c)
+        models = MODELS_OF_CHECK.get(c["name"]) if c.get("basis") == "projected" else None
+        if models and validation is not None:
+            errors = {m: validation["error_pct"].get(m) for m in models}
+            trusted = all(validation["trusted"].get(m) for m in models)
+            known = [e for e in errors.values() if e is not None]
+            c["trusted"] = trusted
+            c["host_error_pct"] = max(known, key=abs) if known else None
+            if not trusted:
+                why = "; ".join(f"the {m} model's host error is {fmt_pct(e)}" if e is not None
+                                else f"the {m} model could not be checked on this host" for m, e in errors.items()
+                                if not validation["trusted"].get(m))
+                bound = f"\u00b1{fmt_num(validation['bound_pct'])}%"
+                if strict:
+                    c["ok"] = False
+                    c["message"] += f"; fails under --strict: {why} (outside {bound})"
+                else:
+                    c["message"] += f"; untrusted: {why} (outside {bound})"
+        out.append(c)
+    return out
+
+
 def all_ok(checks: list[dict]) -> bool:
     return all(c.get("ok") for c in checks)
 
@@ -98,18 +142,35 @@ def failures(checks: list[dict]) -> list[str]:
     return [c["message"] for c in checks if not c.get("ok")]
 
 
+def measured_kv_tokens(measured: dict) -> float:
+    """Average cached context while the host measured decode: the prompt plus half the generated tokens."""
+    tokens = (measured.get("stats") or {}).get("tokens") or {}
+    generated = tokens.get("median") or measured.get("new_tokens") or 0
+    return measured["prompt_tokens"] + generated / 2
+
+
 def run(ctx) -> dict:
-    """Stage `budget`: project every artifact to the target and check each budget, with margins."""
+    """Stage `budget`: check the projection model on this host, project every artifact to the target and
+    check each budget, with margins (and, under --strict, the model's host error)."""
     from edgedistill.measure import project as projection
 
     plan = ctx["plan"].summary["plan"]
     s = plan["shape"]
     kvt = projection.kv_bytes_per_token(s["layers"], s["kv_heads"], s["head_dim"])
-    results = {}
+    profiled = ctx["profile"].summary
+    calibration = profiled["calibration"]
+    results, validations = {}, {}
     for fmt, art in ctx["export"].summary["artifacts"].items():
         # The whole artifact (weights, scales, tokenizer) is what is read and held: a conservative weight size.
         proj = projection.project(ctx.target, weight_bytes=art["bytes"], params=plan["params"],
                                   kv_bytes_per_token=kvt, context=plan["context"])
+        measured = profiled["artifacts"][fmt]
+        on_host = projection.predict_on_host(calibration, ctx.target, weight_bytes=art["bytes"], params=plan["params"],
+                                             kv_bytes_per_token=kvt, kv_tokens=measured_kv_tokens(measured))
+        validation = projection.validate_on_host(on_host, measured, calibration=calibration, target=ctx.target)
         checks = check_artifact(ctx.target, artifact_bytes=art["bytes"], projected=proj, footprint=proj["footprint"])
-        results[fmt] = {"projected": proj, "checks": checks, "ok": all_ok(checks)}
-    return {"artifacts": results, "ok": all(r["ok"] for r in results.values())}
+        checks = apply_host_trust(checks, validation, strict=ctx.cfg.strict)
+        validations[fmt] = validation
+        results[fmt] = {"projected": proj, "host_validation": validation, "checks": checks, "ok": all_ok(checks)}
+    return {"artifacts": results, "ok": all(r["ok"] for r in results.values()), "strict": ctx.cfg.strict,
+            "calibration": {"host": calibration, **projection.trust_summary(validations)}}

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgedistill import atomic
@@ -144,7 +145,7 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     write_config(cfg)
     if dry:
         return dry_run(cfg, targets, info, plans, console)
-    from edgedistill.report import files_to_publish
+    from edgedistill.report import files_to_publish, render_comparison
     from edgedistill.stages import STAGES
 
     session = Session(cfg, console, resume=resume, progress=progress)
@@ -158,4 +159,10 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
         console.print(f"{verdict} {target.name}: {final}/report.md")
         for line in rep.get("failed", []):
             console.print(f"  [red]✗[/red] {line}")
+        trust = records["budget"].summary["calibration"]
+        if not trust["trusted"]:
+            console.print(f"  [yellow]![/yellow] {escape(trust['message'])}" + ("" if cfg.strict else
+                          " (--strict fails the figures projected with it)"), highlight=False)
+    for path in render_comparison(out)[1:]:  # several targets in OUT: one page to compare them
+        console.print(f"comparison across targets: {path}")
     return 0 if all_ok else 1

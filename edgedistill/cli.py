@@ -51,6 +51,12 @@ def build(
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
     temperature: Optional[float] = typer.Option(None, help="KD temperature tau (> 0)"),
     alpha: Optional[float] = typer.Option(None, help="weight of the KD term vs cross-entropy, in [0, 1]"),
+    loss: Optional[str] = typer.Option(
+        None, help="KD divergence: forward_kl (default), reverse_kl or jsd; more loss terms: [distill.loss] in --config"),
+    jsd_beta: Optional[float] = typer.Option(
+        None, help="JSD beta in [0, 1]: 0 is forward KL, 1 reverse KL (default 0.5)"),
+    hidden_weight: Optional[float] = typer.Option(
+        None, help="weight of the hidden-state MSE through learned projections (default 0: off)"),
     qat_activations: Optional[bool] = typer.Option(
         None, "--qat-activations/--no-qat-activations",
         help="QAT also models the runtime's int8 rounding of matmul inputs (default on)"),
@@ -68,6 +74,10 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write the resolved config; train nothing"),
     resume: bool = typer.Option(False, help="continue an interrupted build from its last finished stage/checkpoint"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    strict: Optional[bool] = typer.Option(
+        None, "--strict/--no-strict",
+        help="also fail budget figures projected with a model that misses this host's own measurements by more "
+             "than 30% (see the report's host check)"),
 ):
     """Build student artifacts for one or more targets (default teacher, quick preset)."""
     from edgedistill import config as cfgmod
@@ -77,10 +87,11 @@ def build(
     overrides = _drop_none({
         "teacher": teacher, "targets": list(target) if target else None, "out": str(out) if out else None,
         "preset": preset, "seed": seed, "teacher_bits": teacher_bits,
-        "trust_remote_code": trust_remote_code or None,
+        "trust_remote_code": trust_remote_code or None, "strict": strict,
         "plan": {"compression": compression, "student": _student_shape(student), "context": context,
                  "progressive": progressive, "progressive_ratio": progressive_ratio},
         "distill": {"steps": steps, "temperature": temperature, "alpha": alpha, "qat_activations": qat_activations,
+                    "loss": {"objective": loss, "jsd_beta": jsd_beta, "hidden_weight": hidden_weight},
                     "qat_learn_scales": learn_scales},
         "export": {"onnx_block_size": onnx_block_size,
                    "onnx_symmetric": None if onnx_asymmetric is None else not onnx_asymmetric,
@@ -122,12 +133,13 @@ def inspect(artifact: Path = typer.Argument(..., help="a .gguf file or an ONNX f
 
 
 @app.command()
-def report(folder: Path = typer.Argument(..., help="OUT/<target> folder holding report.json")):
-    """Re-render report.md and report.html from report.json."""
-    from edgedistill.report import render
+def report(folder: Path = typer.Argument(..., help="a build's OUT folder (every target in it) or one OUT/<target> folder")):
+    """Re-render report.md and report.html from report.json, for one target folder or every one under
+    OUT (then also OUT/comparison.md and .html when there are several targets)."""
+    from edgedistill.report import render_all
 
-    render(folder)
-    Console().print(f"rendered {folder / 'report.md'} and {folder / 'report.html'}")
+    for path in render_all(folder):
+        Console(soft_wrap=True).print(f"rendered {path}", highlight=False, markup=False)
 
 
 @app.command()

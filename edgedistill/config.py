@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from edgedistill.errors import UserError
 from edgedistill.settings_files import check_numbers, parse_toml, parse_yaml, read_settings_text, settings_error
@@ -47,6 +47,32 @@ class DataConfig(_Section):
     max_len: int = Field(320, gt=16)
 
 
+class LossConfig(_Section):
+    """distill.loss: the training objective's terms (distill/losses.py defines each one).
+
+    Temperature and alpha (the soft-target weight, where an alpha schedule starts) stay in distill.
+    Settings at their defaults are left out of the dumped config, so a build that does not use this
+    section keeps the config hash and the cached stages it had before the section existed.
+    """
+
+    objective: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="soft-target divergence: KL(teacher||student), KL(student||teacher), or JSD(beta)")
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight: 0 is forward KL, 1 reverse KL")
+    alpha_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="anneal alpha from distill.alpha at the first step to alpha_end at the last")
+    alpha_end: float = Field(0.0, ge=0, le=1,
+                             description="alpha at the last step (below distill.alpha: toward hard labels)")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of the hidden-state MSE through learned projections")
+    attention_weight: float = Field(0.0, ge=0, description="weight of the attention-map transfer")
+    attention_kind: Literal["mse", "kl"] = Field("kl", description="attention-map distance")
+    confidence_weighting: bool = Field(False, description="weight positions by the teacher's top-token probability")
+    top_k: int = Field(0, ge=0, description="0: full vocabulary; k: teacher's top-k tokens plus one tail bucket")
+
+    @model_serializer(mode="wrap")
+    def _without_defaults(self, handler):
+        return {k: v for k, v in handler(self).items() if v != type(self).model_fields[k].default}
+
+
 class DistillConfig(_Section):
     steps: int = Field(60, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -61,6 +87,14 @@ class DistillConfig(_Section):
     qat_learn_scales: bool = Field(False, description="LSQ: learn each block's scale; exporters write the learned ones")
     checkpoint_every: int = Field(20, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_serializer(mode="wrap")
+    def _without_default_loss(self, handler):
+        data = handler(self)
+        if not data.get("loss", True):  # all defaults: as if the section did not exist (see LossConfig)
+            del data["loss"]
+        return data
 
 
 class ExportConfig(_Section):
@@ -87,6 +121,9 @@ class BuildConfig(_Section):
     seed: int = 0
     teacher_bits: Optional[Literal[4, 8]] = None
     trust_remote_code: bool = False
+    # --strict: a budget figure projected with a model that misses this host's own measurements by
+    # more than measure.project.TRUST_BOUND_PCT fails the build, however comfortable its margin
+    strict: bool = False
     plan: PlanConfig = Field(default_factory=PlanConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

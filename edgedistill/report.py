@@ -1,24 +1,15 @@
 """The build report: report.json is the source of truth; report.md and report.html are rendered from it.
 
-Minimum schema (DESIGN.md, schema_version 1):
-    schema_version, target, ok, teacher{id, params},
-    student{params, shape{layers, hidden, intermediate, heads, kv_heads}},
-    quality{teacher, student_init, student} (each: top1_agreement, kl, perplexity, ...),
-    artifacts[{file, format, bytes, sha256, parity{top1_agreement, kl},
-               host{decode_tok_s, prefill_tok_s, ttft_ms, peak_rss_mb},
-               projected{decode_tok_s, ttft_ms, footprint_mb, energy_j_per_100_tokens},
-               checks[{name, value, limit, ok, basis, ...}], ok}]
+Every field, its unit and whether it is measured or projected: docs/report-schema.md (schema_version 1;
+adding a field keeps the version, renaming or removing one bumps it). Rendering reads report.json alone
+and is deterministic: `edgedistill report` writes the same bytes again and `edgedistill verify` relies
+on that. report.html is one offline file: CSS and inline SVG plots, no scripts, no external requests.
 
-Optional fields the renderers show when present:
-    report: target_profile (TargetProfile.model_dump()), host (measure.profile.host_info()),
-            timings_s {stage: seconds}, created, edgedistill_version, config_hash, notes [str]
-    artifact: memory_tier, footprint {weights_mb, kv_cache_mb, overhead_mb, total_mb, basis},
-              projected.{prefill_tok_s, battery_pct_per_hour, basis}, host.{basis, stats, load_s, n_threads}
-    check: unit, op, margin_pct, message (as edgedistill.budget writes them)
-    progressive: [{stage, params, shape, steps, tokens, quality}], teacher to final student, when the
-                 build compressed in stages (see progressive_stages)
+A build of several targets also gets OUT/comparison.md and OUT/comparison.html, rendered from the
+target folders' report.json files.
 
-Everything else in the report is kept in report.json as given.
+Renderers tolerate missing optional fields (an older or hand-made report): missing_fields() names what
+DESIGN.md's minimum schema lacks, _normalize() fills the rest with None/{}.
 """
 
 from __future__ import annotations
@@ -36,6 +27,7 @@ from edgedistill.export.manifest import MANIFEST, MANIFEST_VERSION, entries
 
 SCHEMA_VERSION = 1
 JSON_NAME, MD_NAME, HTML_NAME = "report.json", "report.md", "report.html"
+COMPARISON_MD, COMPARISON_HTML = "comparison.md", "comparison.html"
 
 _REQUIRED = (
     "schema_version", "target", "ok", "teacher.id", "teacher.params", "student.params",
@@ -78,6 +70,42 @@ def render(out_dir: Path) -> None:
     report = load_report(out_dir)
     atomic.write_text(out_dir / MD_NAME, to_markdown(report))
     atomic.write_text(out_dir / HTML_NAME, to_html(report))
+
+
+def render_all(path: Path) -> list[Path]:
+    """`edgedistill report PATH`: re-render one OUT/T folder, or every target folder under OUT and, when
+    there are several, OUT/comparison.md and .html. The files written, in order."""
+    path = Path(path)
+    if (path / JSON_NAME).is_file() or path.suffix == ".json":
+        folder = path if path.is_dir() else path.parent
+        render(folder)
+        return [folder / MD_NAME, folder / HTML_NAME]
+    folders = target_folders(path)
+    if not folders:
+        raise UserError(f"no report found: {path} holds no {JSON_NAME}, and no target folder under it does")
+    written = []
+    for folder in folders:
+        render(folder)
+        written += [folder / MD_NAME, folder / HTML_NAME]
+    return written + render_comparison(path)
+
+
+def target_folders(out: Path) -> list[Path]:
+    """The target folders of a build's OUT folder (each holds a report.json), by name."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / JSON_NAME).is_file())
+
+
+def render_comparison(out: Path) -> list[Path]:
+    """OUT/comparison.md and OUT/comparison.html across the target folders, when there are at least two."""
+    reports = [load_report(f) for f in target_folders(out)]
+    if len(reports) < 2:
+        return []
+    atomic.write_text(Path(out) / COMPARISON_MD, comparison_markdown(reports))
+    atomic.write_text(Path(out) / COMPARISON_HTML, comparison_html(reports))
+    return [Path(out) / COMPARISON_MD, Path(out) / COMPARISON_HTML]
 
 
 def load_report(path: Path) -> dict:
@@ -192,13 +220,14 @@ def _normalize(report: dict) -> dict:
     arts = []
     for a in r.get("artifacts") or []:
         a = {"file": "?", "format": "?", "bytes": None, "sha256": None, "ok": None, "memory_tier": None, **a}
-        for key in ("parity", "host", "projected", "footprint"):
+        for key in ("parity", "host", "projected", "footprint", "host_validation", "quality"):
             a[key] = a.get(key) or {}
         a["checks"] = [c for c in (a.get("checks") or []) if isinstance(c, dict)]
         arts.append(a)
     r["artifacts"] = arts
-    for key in ("target_profile", "host", "timings_s"):
+    for key in ("target_profile", "host", "timings_s", "calibration"):
         r[key] = r.get(key) or {}
+    r["calibration"]["host"] = r["calibration"].get("host") or {}
     r["notes"] = r.get("notes") or []
     r["progressive"] = [s for s in (r.get("progressive") or []) if isinstance(s, dict)]
     return r
@@ -293,18 +322,105 @@ def _projected_rows(p: dict, fp: dict) -> list[list[str]]:
     if fp:
         rows.append(["Footprint breakdown", f"weights {_f(fp.get('weights_mb'), 'MB')} + KV cache "
                      f"{_f(fp.get('kv_cache_mb'), 'MB')} + runtime {_f(fp.get('overhead_mb'), 'MB')}"])
+    if "max_context" in fp:
+        mc = fp.get("max_context")
+        rows.append(["Largest context within the memory budget",
+                     "not bounded by memory (no KV cache)" if mc is None else f"{mc} tokens"
+                     + (f" (budget {_f(fp.get('budget_mb'), 'MB')})" if fp.get("budget_mb") is not None else "")])
+    return rows + _energy_rows(p.get("energy") or {})
+
+
+def _energy_rows(en: dict) -> list[list[str]]:
+    """Energy figures: J/token and watts always; battery figures on battery power; the bottom-up cross-check."""
+    if not en:
+        return []
+    rows = [["Energy per token", _f(en.get("j_per_token"), "J")], ["Active power", _f(en.get("watts"), "W")]]
+    if en.get("powered") == "battery":
+        rows += [["Battery per 1,000 generated tokens", _f(en.get("battery_pct_per_1000_tokens"), "%")]]
+    else:
+        rows += [["Battery", "n/a (mains powered: J/token and watts only)"]]
+    bu = en.get("bottom_up")
+    if bu:
+        verdict = ("consistent: below the top-down figure" if bu.get("consistent")
+                   else "INCONSISTENT: above the top-down figure; the profile's power cannot move these bytes at this speed")
+        rows.append(["Energy per token, bottom-up", f"{_f(bu.get('j_per_token'), 'J')} (DRAM "
+                     f"{_f(bu.get('memory_j_per_token'), 'J')} + arithmetic {_f(bu.get('compute_j_per_token'), 'J')}; "
+                     f"{_f(bu.get('watts_at_projected_speed'), 'W')} at the projected speed; top-down is "
+                     f"{fmt_num(_num(bu.get('top_down_over_bottom_up')))}x this; {verdict})"])
     return rows
 
 
-def _quality_rows(q: dict) -> list[list[str]]:
+_MODEL_LABELS = {"decode": "Decode", "prefill": "Prefill"}
+
+
+def _validation_rows(artifacts: list[dict]) -> list[list[str]]:
+    """Per artifact and speed model: measured on the host, predicted by the model on the host, signed error."""
+    rows = []
+    for a in artifacts:
+        v = a["host_validation"]
+        if not v:
+            continue
+        for m, label in _MODEL_LABELS.items():
+            err = _num((v.get("error_pct") or {}).get(m))
+            trusted = (v.get("trusted") or {}).get(m)
+            rows.append([a["file"], label, _f((v.get("measured") or {}).get(f"{m}_tok_s"), "tok/s"),
+                         _f((v.get("predicted") or {}).get(f"{m}_tok_s"), "tok/s"),
+                         "n/a" if err is None else fmt_pct(err),
+                         f"{fmt_num(_num((v.get('assumed_efficiency') or {}).get(m)))} / "
+                         f"{fmt_num(_num((v.get('implied_efficiency') or {}).get(m)))}",
+                         "yes" if trusted else "NO"])
+    return rows
+
+
+_VALIDATION_HEADERS = ["Artifact", "Model", "Measured on host", "Projected for host", "Error", "Efficiency assumed / implied",
+                       "Within bound"]
+
+
+def _micro_rows(h: dict) -> list[list[str]]:
+    """The host's micro-benchmark figures (measured), with their spread."""
+    def cell(key, unit):
+        s = h.get(key)
+        if not isinstance(s, dict):
+            return None
+        return [f"{_f(s.get('median'), unit)} (min {fmt_num(_num(s.get('min')))}, max {fmt_num(_num(s.get('max')))})"]
+    rows = []
+    for key, label, unit in (("memory_read_gb_s", "Memory bandwidth, read", "GB/s"),
+                             ("memory_copy_gb_s", "Memory bandwidth, copy (read + write)", "GB/s"),
+                             ("matmul_fp32_gflop_s", "Matrix throughput, fp32", "GFLOP/s"),
+                             ("matmul_int8_gop_s", "Matrix throughput, int8", "GOP/s")):
+        c = cell(key, unit)
+        if c:
+            rows.append([label] + c)
+    if h.get("threads") is not None:
+        rows.append(["Threads", str(h["threads"])])
+    if h.get("compute_kind"):
+        rows.append(["Used by the model", f"read bandwidth {_f(h.get('bandwidth_gb_s'), 'GB/s')}, "
+                     f"{h['compute_kind']} matmul {_f(h.get('compute_gflops'), 'GOP/s')}"])
+    return rows
+
+
+def _trust_line(r: dict) -> str | None:
+    c = r["calibration"]
+    if not c.get("message"):
+        return None
+    return c["message"] + (". Under --strict, figures projected with an untrusted model fail." if r.get("strict") else "")
+
+
+def _quality_columns(r: dict) -> list[tuple[str, dict]]:
+    """(label, figures) for the teacher, the untrained and the distilled student, then each artifact in its runtime."""
+    cols = [(label, r["quality"][key]) for key, label in _QUALITY_COLS]
+    return cols + [(f"{a['file']} (runtime)", a["quality"]) for a in r["artifacts"] if a["quality"]]
+
+
+def _quality_rows(cols: list[tuple[str, dict]]) -> list[list[str]]:
     keys = [k for k in _QUALITY_ORDER]
-    for col, _ in _QUALITY_COLS:
-        keys += [k for k in q[col] if k not in keys]
+    for _, q in cols:
+        keys += [k for k in q if k not in keys]
     rows = []
     for k in keys:
         cells = []
-        for col, _ in _QUALITY_COLS:
-            v = q[col].get(k)
+        for _, q in cols:
+            v = q.get(k)
             cells.append(_pct(v) if k == "top1_agreement" and _num(v) is not None else _f(v))
         rows.append([k] + cells)
     return rows
@@ -387,11 +503,49 @@ def _overview_rows(r: dict) -> list[list[str]]:
     return rows
 
 
+_ARTIFACT_HEADERS = ["Artifact", "Format", "Size", "Footprint (projected)", "Memory tier", "Largest context (projected)",
+                     "Verdict"]
+
+
+def _artifact_row(a: dict) -> list[str]:
+    fp = a["footprint"]
+    mc = fp.get("max_context")
+    return [a["file"], a["format"], _mb(a["bytes"]), _f(fp.get("total_mb"), "MB"), a["memory_tier"] or "n/a",
+            "n/a" if "max_context" not in fp else ("unbounded" if mc is None else f"{mc} tokens"), _verdict(a["ok"])]
+
+
+_CALIBRATION_NOTE = ("The projection model is run on the build host with the host's own measured memory bandwidth and "
+                     "matrix throughput, and its decode and prefill speeds are compared with what the runtimes measured. "
+                     "Error = (projected - measured) / measured: + means the model is optimistic.")
+
+
+def _md_calibration(r: dict) -> list[str]:
+    c = r["calibration"]
+    vrows = _validation_rows(r["artifacts"])
+    if not c["host"] and not vrows:
+        return []
+    lines = ["## Projection model checked on this host", "", _CALIBRATION_NOTE, ""]
+    if c.get("message"):
+        lines += [f"**{c['message']}**", ""]
+    if c["host"]:
+        lines += [_md_table(["Micro-benchmark (measured)", "Value"], _micro_rows(c["host"])), ""]
+        if c["host"].get("basis"):
+            lines += [f"_How:_ {c['host']['basis']}", ""]
+    if vrows:
+        lines += [_md_table(_VALIDATION_HEADERS, vrows), ""]
+        basis = next((a["host_validation"].get("basis") for a in r["artifacts"] if a["host_validation"].get("basis")), None)
+        if basis:
+            lines += [f"_Model on the host:_ {basis}", ""]
+    return lines
+
+
 def to_markdown(report: dict) -> str:
     r = _normalize(report)
     head, failed = _summary_line(r)
     lines = [f"# edgedistill report: {r['target']}", "", f"**{head}**", ""]
     lines += [f"- {m}" for m in failed] + ([""] if failed else [])
+    trust = _trust_line(r)
+    lines += [f"> {trust}", ""] if trust else []
     lines += [_md_table(["", ""], _overview_rows(r)), ""]
     lines += [f"- {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
 
@@ -403,9 +557,8 @@ def to_markdown(report: dict) -> str:
     if not r["artifacts"]:
         lines += ["No artifacts were recorded.", ""]
     else:
-        lines += [_md_table(["Artifact", "Format", "Size", "Memory tier", "Verdict"],
-                            [[a["file"], a["format"], _mb(a["bytes"]), a["memory_tier"] or "n/a", _verdict(a["ok"])]
-                             for a in r["artifacts"]]), ""]
+        lines += [_md_table(_ARTIFACT_HEADERS, [_artifact_row(a) for a in r["artifacts"]]), ""]
+    lines += _md_calibration(r)
     for a in r["artifacts"]:
         lines += [f"### {a['file']} ({a['format']}): {_verdict(a['ok'])}", ""]
         if a["sha256"]:
@@ -422,14 +575,17 @@ def to_markdown(report: dict) -> str:
             lines += [f"_How:_ {a['host']['basis']}", ""]
         lines += [f"Projected on {r['target']}:", "",
                   _md_table(["Figure", "Value"], _projected_rows(a["projected"], a["footprint"])), ""]
+        if (a["projected"].get("energy") or {}).get("basis"):
+            lines += [f"_Energy:_ {a['projected']['energy']['basis']}", ""]
         if a["projected"].get("basis"):
             lines += [f"_Model:_ {a['projected']['basis']}", ""]
         if a["footprint"].get("basis"):
             lines += [f"_Memory:_ {a['footprint']['basis']}", ""]
 
     lines += ["## Quality on held-out prompts", ""]
-    qrows = _quality_rows(r["quality"])
-    lines += [_md_table(["Metric"] + [label for _, label in _QUALITY_COLS], qrows) if qrows
+    cols = _quality_columns(r)
+    qrows = _quality_rows(cols)
+    lines += [_md_table(["Metric"] + [label for label, _ in cols], qrows) if qrows
               else "No quality figures were recorded.", ""]
     if r["progressive"]:
         lines += ["## Progressive compression", "", _PROGRESSIVE_NOTE, "",
@@ -463,6 +619,7 @@ th{background:#f6f8fa}
 .banner{padding:.7rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
 .banner.pass{background:#dafbe1;border:1px solid #1a7f37}.banner.fail{background:#ffebe9;border:1px solid #cf222e}
 .banner.none{background:#f6f8fa;border:1px solid #d0d7de}
+.banner.warn{background:#fff8c5;border:1px solid #bf8700;color:#1f2328}
 .basis{color:#57606a;font-size:.85rem}
 code{font-size:.82rem;background:#f6f8fa;padding:.1rem .3rem;border-radius:4px;word-break:break-all}
 svg{display:block;margin:.6rem 0;max-width:100%;height:auto}
@@ -516,7 +673,7 @@ def _svg_checks(checks: list[dict]) -> str:
         title = _CHECK_TITLES.get(c.get("name"), str(c.get("name")))
         parts.append(f'<text x="0" y="{y + 17}" font-size="13">{_e(title)}</text>')
         parts.append(f'<text x="0" y="{y + 32}" font-size="11" fill="#57606a">{_e(c.get("basis") or "")}'
-                     f'{" · log scale" if log else ""}</text>')
+                     f'{" · log scale" if log else ""}{" · model untrusted on host" if c.get("trusted") is False else ""}</text>')
         parts.append(f'<rect x="{x0}" y="{y + 6}" width="{x1 - x0}" height="22" fill="#f6f8fa"/>')
         if v is not None:
             bw = max(1.0, sx(v) - x0)
@@ -577,43 +734,115 @@ def _svg_memory(artifacts: list[dict], budget_mb: float | None) -> str:
     return "\n".join(parts)
 
 
-def _svg_quality(q: dict) -> str:
-    """One panel per metric: teacher, untrained student and distilled student side by side."""
-    metrics = [k for k in _QUALITY_ORDER if any(_num(q[c].get(k)) is not None for c, _ in _QUALITY_COLS)]
-    for col, _ in _QUALITY_COLS:
-        metrics += [k for k, v in q[col].items() if k not in metrics and _num(v) is not None]
+_ARTIFACT_COLORS = ("#0969da", "#8250df", "#bf3989", "#bc4c00", "#1b7c83", "#4d2d00")
+
+
+def _svg_quality(cols: list[tuple[str, dict]]) -> str:
+    """One panel per metric: teacher, untrained student, distilled student and each artifact side by side."""
+    metrics = [k for k in _QUALITY_ORDER if any(_num(q.get(k)) is not None for _, q in cols)]
+    for _, q in cols:
+        metrics += [k for k, v in q.items() if k not in metrics and _num(v) is not None and k != "tokens"]
     if not metrics:
         return ""
-    pw, ph, bar = 200, 190, 40
-    w, h = pw * len(metrics), ph + 40
+    colors = list(_QCOLORS) + [_ARTIFACT_COLORS[i % len(_ARTIFACT_COLORS)] for i in range(len(cols) - len(_QCOLORS))]
+    bar, gap = (40, 12) if len(cols) <= 3 else (24, 6)
+    pw, ph = max(200, 50 + len(cols) * (bar + gap)), 190 if len(cols) <= 3 else 240
+    legend_rows = (len(cols) + 2) // 3
+    w, h = pw * len(metrics), ph + 20 + 18 * legend_rows
     parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" font-family="system-ui, sans-serif" '
-             f'role="img" aria-label="quality: teacher, untrained and distilled student">']
+             f'role="img" aria-label="quality: teacher, students and artifacts">']
     for m_i, metric in enumerate(metrics):
         px = m_i * pw
-        vals = [_num(q[c].get(metric)) for c, _ in _QUALITY_COLS]
+        vals = [_num(q.get(metric)) for _, q in cols]
         top = max([abs(v) for v in vals if v is not None] or [1.0]) * 1.15 or 1.0
         parts.append(f'<text x="{px + pw / 2}" y="16" font-size="13" text-anchor="middle">{_e(metric)}</text>')
         base = ph - 10
-        for j, (v, (_, label), color) in enumerate(zip(vals, _QUALITY_COLS, _QCOLORS)):
-            bx = px + 25 + j * (bar + 12)
+        for j, (v, (label, _), color) in enumerate(zip(vals, cols, colors)):
+            bx = px + 25 + j * (bar + gap)
             if v is None:
-                parts.append(f'<text x="{bx + bar / 2}" y="{base - 4}" font-size="11" text-anchor="middle" '
+                parts.append(f'<text x="{bx + bar / 2}" y="{base - 4}" font-size="10" text-anchor="middle" '
                              f'fill="#57606a">n/a</text>')
             else:
-                bh = (base - 40) * abs(v) / top
+                bh = (base - (40 if bar > 30 else 90)) * abs(v) / top
                 shown = _pct(v) if metric == "top1_agreement" else _f(v)
-                parts.append(f'<rect x="{bx}" y="{base - bh:.1f}" width="{bar}" height="{bh:.1f}" fill="{color}">'
-                             f'<title>{_e(label)}: {_e(shown)}</title></rect>')
-                parts.append(f'<text x="{bx + bar / 2}" y="{base - bh - 4:.1f}" font-size="11" '
-                             f'text-anchor="middle">{_e(shown)}</text>')
+                parts.append(f'<rect x="{bx}" y="{base - bh:.1f}" width="{bar}" height="{max(bh, 1):.1f}" '
+                             f'fill="{color}"><title>{_e(label)}: {_e(shown)}</title></rect>')
+                if bar > 30:
+                    parts.append(f'<text x="{bx + bar / 2}" y="{base - bh - 4:.1f}" font-size="11" '
+                                 f'text-anchor="middle">{_e(shown)}</text>')
+                else:  # narrow bars: the label runs up from the bar's top, so neighbours do not overlap
+                    tx, ty = bx + bar / 2 + 3, base - bh - 4
+                    parts.append(f'<text x="{tx:.1f}" y="{ty:.1f}" font-size="9" transform="rotate(-90 {tx:.1f} '
+                                 f'{ty:.1f})">{_e(shown)}</text>')
         parts.append(f'<line x1="{px + 20}" y1="{base}" x2="{px + pw - 20}" y2="{base}" stroke="#8c959f"/>')
-    lx = 10
-    for (_, label), color in zip(_QUALITY_COLS, _QCOLORS):
-        parts.append(f'<rect x="{lx}" y="{h - 22}" width="12" height="12" fill="{color}" stroke="#8c959f"/>'
-                     f'<text x="{lx + 16}" y="{h - 12}" font-size="12">{_e(label)}</text>')
-        lx += 30 + 7 * len(label)
+    for i, ((label, _), color) in enumerate(zip(cols, colors)):
+        lx, ly = 10 + (i % 3) * 260, ph + 8 + 18 * (i // 3)
+        parts.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{color}" stroke="#8c959f"/>'
+                     f'<text x="{lx + 16}" y="{ly + 10}" font-size="12">{_e(label)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _svg_validation(artifacts: list[dict], bound_pct: float | None) -> str:
+    """Per artifact and speed model: measured (solid) and projected-for-host (outlined) tok/s, and the error."""
+    rows = []
+    for a in artifacts:
+        v = a["host_validation"]
+        for m, label in _MODEL_LABELS.items():
+            meas = _num((v.get("measured") or {}).get(f"{m}_tok_s"))
+            pred = _num((v.get("predicted") or {}).get(f"{m}_tok_s"))
+            if meas is not None or pred is not None:
+                rows.append((f"{a['file']} {label.lower()}", meas, pred, _num((v.get("error_pct") or {}).get(m)),
+                             bool((v.get("trusted") or {}).get(m))))
+    if not rows:
+        return ""
+    row_h, x0, x1, w = 34, 200, 520, 820
+    h = 30 + row_h * len(rows)
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" font-family="system-ui, sans-serif" '
+             f'role="img" aria-label="projection model on the host: measured vs projected">',
+             f'<rect x="{x0}" y="6" width="12" height="12" fill="#57606a"/><text x="{x0 + 16}" y="16" font-size="12">'
+             f'measured on host</text><rect x="{x0 + 140}" y="6" width="12" height="12" fill="none" stroke="#0969da" '
+             f'stroke-width="2"/><text x="{x0 + 156}" y="16" font-size="12">projected for host</text>']
+    for i, (name, meas, pred, err, ok) in enumerate(rows):
+        y = 26 + i * row_h
+        top = max(x for x in (meas, pred, 1e-12) if x is not None) * 1.05  # each row on its own scale
+        parts.append(f'<text x="0" y="{y + 17}" font-size="12">{_e(name)}</text>')
+        if meas is not None:
+            parts.append(f'<rect x="{x0}" y="{y + 4}" width="{max(1.0, (x1 - x0) * meas / top):.1f}" height="12" '
+                         f'fill="#57606a"><title>measured {_e(_f(meas, "tok/s"))}</title></rect>')
+        if pred is not None:
+            parts.append(f'<rect x="{x0}" y="{y + 17}" width="{max(1.0, (x1 - x0) * pred / top):.1f}" height="12" '
+                         f'fill="none" stroke="#0969da" stroke-width="2"><title>projected {_e(_f(pred, "tok/s"))}'
+                         f'</title></rect>')
+        color = _GREEN if ok else _RED
+        text = "n/a" if err is None else fmt_pct(err)
+        if not ok and bound_pct:
+            text += f" (outside \u00b1{fmt_num(bound_pct)}%)"
+        parts.append(f'<text x="{x1 + 10}" y="{y + 13}" font-size="12" fill="{color}">{_e(text)}</text>')
+        parts.append(f'<text x="{x1 + 10}" y="{y + 27}" font-size="10" fill="#57606a">measured {_e(_f(meas))} / '
+                     f'projected {_e(_f(pred))} tok/s</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _html_calibration(r: dict) -> list[str]:
+    c = r["calibration"]
+    vrows = _validation_rows(r["artifacts"])
+    if not c["host"] and not vrows:
+        return []
+    body = ["<h2>Projection model checked on this host</h2>", f"<p>{_e(_CALIBRATION_NOTE)}</p>"]
+    if c.get("message"):
+        body.append(f'<p class="{"pass" if c.get("trusted") else "fail"}">{_e(c["message"])}</p>')
+    if c["host"]:
+        body.append(_html_table(["Micro-benchmark (measured)", "Value"], _micro_rows(c["host"])))
+        if c["host"].get("basis"):
+            body.append(f'<p class="basis">How: {_e(c["host"]["basis"])}</p>')
+    if vrows:
+        body += [_svg_validation(r["artifacts"], _num(c.get("bound_pct"))), _html_table(_VALIDATION_HEADERS, vrows)]
+        basis = next((a["host_validation"].get("basis") for a in r["artifacts"] if a["host_validation"].get("basis")), None)
+        if basis:
+            body.append(f'<p class="basis">Model on the host: {_e(basis)}</p>')
+    return body
 
 
 def to_html(report: dict) -> str:
@@ -623,6 +852,10 @@ def to_html(report: dict) -> str:
     body = [f"<h1>edgedistill report: {_e(r['target'])}</h1>", f'<div class="banner {cls}">{_e(head)}</div>']
     if failed:
         body.append("<ul>" + "".join(f'<li class="fail">{_e(m)}</li>' for m in failed) + "</ul>")
+    trust = _trust_line(r)
+    if trust:
+        tcls = "pass" if r["calibration"].get("trusted") else "warn"
+        body.append(f'<div class="banner {tcls}" id="trust">{_e(trust)}</div>')
     body.append(_html_table(None, _overview_rows(r)))
     if r["notes"]:
         body.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in r["notes"]) + "</ul>")
@@ -635,14 +868,14 @@ def to_html(report: dict) -> str:
     if not r["artifacts"]:
         body.append("<p>No artifacts were recorded.</p>")
     else:
-        rows = [[_e(a["file"]), _e(a["format"]), _e(_mb(a["bytes"])), _e(a["memory_tier"] or "n/a"),
-                 f'<span class="{"pass" if a["ok"] else "fail"}">{_verdict(a["ok"])}</span>'] for a in r["artifacts"]]
-        body.append(_html_table(["Artifact", "Format", "Size", "Memory tier", "Verdict"], rows,
-                                raw_cols=(0, 1, 2, 3, 4)))
+        rows = [[_e(c) for c in _artifact_row(a)[:-1]]
+                + [f'<span class="{"pass" if a["ok"] else "fail"}">{_verdict(a["ok"])}</span>'] for a in r["artifacts"]]
+        body.append(_html_table(_ARTIFACT_HEADERS, rows, raw_cols=tuple(range(len(_ARTIFACT_HEADERS)))))
         budget_gb = (r["target_profile"].get("budget") or {}).get("memory_gb")
         mem = _svg_memory(r["artifacts"], budget_gb * 1000 if _num(budget_gb) else None)
         if mem:
             body += [f"<h3>Memory on {_e(r['target'])} (projected)</h3>", mem]
+        body += _html_calibration(r)
 
     for a in r["artifacts"]:
         vcls = "pass" if a["ok"] else "fail"
@@ -672,11 +905,14 @@ def to_html(report: dict) -> str:
             body.append(f'<p class="basis">Model: {_e(a["projected"]["basis"])}</p>')
         if a["footprint"].get("basis"):
             body.append(f'<p class="basis">Memory: {_e(a["footprint"]["basis"])}</p>')
+        if (a["projected"].get("energy") or {}).get("basis"):
+            body.append(f'<p class="basis">Energy: {_e(a["projected"]["energy"]["basis"])}</p>')
 
     body.append("<h2>Quality on held-out prompts</h2>")
-    qrows = _quality_rows(r["quality"])
+    cols = _quality_columns(r)
+    qrows = _quality_rows(cols)
     if qrows:
-        body += [_svg_quality(r["quality"]), _html_table(["Metric"] + [label for _, label in _QUALITY_COLS], qrows)]
+        body += [_svg_quality(cols), _html_table(["Metric"] + [label for label, _ in cols], qrows)]
     else:
         body.append("<p>No quality figures were recorded.</p>")
     if r["progressive"]:
@@ -696,6 +932,112 @@ def to_html(report: dict) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>edgedistill report: {_e(r['target'])}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+# ----------------------------------------------------------------------------------- across targets
+
+
+def _tightest(report: dict) -> dict[str, dict]:
+    """Per check name, the check with the least margin over the target's artifacts (failed ones first)."""
+    out: dict[str, dict] = {}
+    for a in report["artifacts"]:
+        for c in a["checks"]:
+            m = _num(c.get("margin_pct"))
+            key = (bool(c.get("ok")), m if m is not None else -math.inf)
+            prev = out.get(c.get("name"))
+            if prev is None or key < prev["_key"]:
+                out[c.get("name")] = {**c, "file": a["file"], "_key": key}
+    return out
+
+
+def _comparison_rows(reports: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in reports:
+        tight = _tightest(r)
+        cal = r["calibration"]
+        for name, c in tight.items():
+            if str(name).startswith("parity_"):
+                continue
+            rows.append([r["target"], _CHECK_TITLES.get(name, str(name)), c["file"], _f(c.get("value"), c.get("unit") or ""),
+                         f"{_OP_SIGNS.get(c.get('op'), c.get('op') or '')} {_f(c.get('limit'), c.get('unit') or '')}",
+                         fmt_pct(_num(c.get("margin_pct"))) if _num(c.get("margin_pct")) is not None else "n/a",
+                         str(c.get("basis") or "n/a"), "ok" if c.get("ok") else "FAIL"])
+        rows.append([r["target"], "Verdict", "", _verdict(r["ok"]), "", "", "",
+                     "model trusted" if cal.get("trusted") else ("model NOT trusted" if cal else "")])
+    return rows
+
+
+_COMPARISON_HEADERS = ["Target", "Check", "Tightest artifact", "Value", "Limit", "Margin", "Basis", "Result"]
+_COMPARISON_NOTE = ("Each target's tightest artifact per check (the least margin; a failed check first). Projected "
+                    "figures come from each target's roofline model; artifact sizes are measured.")
+
+
+def comparison_markdown(reports: list[dict]) -> str:
+    rs = [_normalize(r) for r in reports]
+    lines = ["# edgedistill: comparison across targets", "", _COMPARISON_NOTE, "",
+             _md_table(["Target", "Verdict", "Artifacts", "Projection model"],
+                       [[r["target"], _verdict(r["ok"]), str(len(r["artifacts"])),
+                         r["calibration"].get("message") or "n/a"] for r in rs]), "",
+             _md_table(_COMPARISON_HEADERS, _comparison_rows(rs)), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _svg_comparison(rs: list[dict]) -> str:
+    """Margin of the tightest artifact per check, one bar per target, around the budget line (0%)."""
+    names = []
+    for r in rs:
+        names += [n for n in _tightest(r) if n not in names and not str(n).startswith("parity_")]
+    if not names:
+        return ""
+    colors = [_ARTIFACT_COLORS[i % len(_ARTIFACT_COLORS)] for i in range(len(rs))]
+    bar_h, x0, x1, w = 14, 210, 650, 780
+    mid = (x0 + x1) / 2
+    group_h = bar_h * len(rs) + 14
+    h = 40 + group_h * len(names)
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" font-family="system-ui, sans-serif" '
+             f'role="img" aria-label="margin per check and target">']
+    for i, (r, color) in enumerate(zip(rs, colors)):
+        parts.append(f'<rect x="{x0 + i * 150}" y="6" width="12" height="12" fill="{color}"/>'
+                     f'<text x="{x0 + i * 150 + 16}" y="16" font-size="12">{_e(r["target"])}</text>')
+    parts.append(f'<line x1="{mid}" y1="26" x2="{mid}" y2="{h - 4}" stroke="#1f2328" stroke-width="2" '
+                 f'stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{mid - 4}" y="{h - 6}" font-size="11" text-anchor="end" fill="#57606a">budget</text>')
+    for gi, name in enumerate(names):
+        gy = 30 + gi * group_h
+        parts.append(f'<text x="0" y="{gy + group_h / 2}" font-size="12">{_e(_CHECK_TITLES.get(name, str(name)))}</text>')
+        for ti, (r, color) in enumerate(zip(rs, colors)):
+            c = _tightest(r).get(name)
+            y = gy + ti * bar_h
+            if c is None:
+                continue
+            m = _num(c.get("margin_pct"))
+            shown = max(-100.0, min(100.0, m)) if m is not None else 0.0  # the label carries the full figure
+            width = (x1 - mid) * abs(shown) / 100.0
+            x = mid if shown >= 0 else mid - width
+            parts.append(f'<rect x="{x:.1f}" y="{y + 1}" width="{max(width, 1.0):.1f}" height="{bar_h - 3}" '
+                         f'fill="{color}" stroke="{_GREEN if c.get("ok") else _RED}" stroke-width="1.5">'
+                         f'<title>{_e(c.get("message") or "")}</title></rect>')
+            parts.append(f'<text x="{x1 + 8}" y="{y + bar_h - 3}" font-size="10" '
+                         f'fill="{_GREEN if c.get("ok") else _RED}">{_e(r["target"])} '
+                         f'{_e(fmt_pct(m) if m is not None else "n/a")}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def comparison_html(reports: list[dict]) -> str:
+    rs = [_normalize(r) for r in reports]
+    summary = [[_e(r["target"]), f'<span class="{"pass" if r["ok"] else "fail"}">{_verdict(r["ok"])}</span>',
+                _e(str(len(r["artifacts"]))), _e(r["calibration"].get("message") or "n/a"),
+                f'<a href="{_e(r["target"])}/{HTML_NAME}">{_e(r["target"])}/{HTML_NAME}</a>'] for r in rs]
+    body = ["<h1>edgedistill: comparison across targets</h1>", f"<p>{_e(_COMPARISON_NOTE)}</p>",
+            _html_table(["Target", "Verdict", "Artifacts", "Projection model", "Report"], summary,
+                        raw_cols=(0, 1, 2, 3, 4)),
+            "<h2>Margin per check (tightest artifact; bars capped at \u00b1100%)</h2>", _svg_comparison(rs),
+            _html_table(_COMPARISON_HEADERS, _comparison_rows(rs))]
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>edgedistill: comparison across targets</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
 
 
@@ -721,6 +1063,8 @@ def run(ctx) -> dict:
             "parity": parity,
             "host": host, "projected": {k: v for k, v in proj.items() if k != "footprint"},
             "footprint": proj["footprint"], "memory_tier": proj["memory_tier"],
+            "host_validation": verdict["host_validation"],
+            "quality": ctx["profile"].summary["quality"][fmt],
             "checks": verdict["checks"] + parity.get("checks", []),
             "ok": verdict["ok"] and all(c["ok"] for c in parity.get("checks", [])),
         })
@@ -743,6 +1087,8 @@ def run(ctx) -> dict:
         "artifacts": artifacts,
         "target_profile": ctx.target.model_dump(mode="json"),
         "host": ctx["profile"].summary.get("host") or host_info(),
+        "calibration": ctx["budget"].summary["calibration"],
+        "strict": ctx["budget"].summary["strict"],
         "timings_s": {name: round(rec.seconds, 2) for name, rec in ctx.upstream.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "edgedistill_version": __version__,
@@ -774,19 +1120,14 @@ def progressive_stages(teacher: dict, init: dict, distilled: dict, plan: dict) -
 
 
 def _artifact_sha256(export, name: str) -> str:
-    """A file's sha256; for an ONNX folder, the sha256 of its files' names and hashes in order.
-
-    The pipeline hashed every output when the export stage finished; reuse those hashes.
-    """
-    import hashlib
+    """The artifact's sha256 as manifest.artifact_sha256 computes it (an ONNX folder's folder_sha256),
+    from the hashes the pipeline took when the export stage finished: no file is read again."""
+    from edgedistill.export.manifest import folder_sha256
 
     if name in export.outputs:
         return export.outputs[name]
-    h = hashlib.sha256()
-    for rel, digest in sorted(export.outputs.items()):
-        if rel.startswith(name + "/"):
-            h.update(f"{rel[len(name) + 1:]}:{digest}\n".encode())
-    return h.hexdigest()
+    prefix = name + "/"
+    return folder_sha256({rel[len(prefix):]: digest for rel, digest in export.outputs.items() if rel.startswith(prefix)})
 
 
 def published_sources(records: dict) -> dict[str, Path]:

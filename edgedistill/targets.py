@@ -30,6 +30,12 @@ class Device(_Strict):
     active_power_w: float = Field(gt=0, description="whole-device power while generating")
     battery_wh: Optional[float] = Field(None, gt=0, description="None: mains powered")
     threads: int = Field(4, ge=1)
+    # Bottom-up energy cross-check (measure.project.energy); None leaves it out.
+    dram_pj_per_byte: Optional[float] = Field(
+        None, gt=0, description="energy to bring one byte from DRAM to the cores (DRAM, interface, on-chip fabric)")
+    pj_per_op: Optional[float] = Field(
+        None, gt=0, description="energy per arithmetic operation of the CPU's SIMD pipeline (a multiply-add is 2 ops), "
+                                "instruction and register overheads included")
 
 
 class Budget(_Strict):

@@ -160,6 +160,22 @@ def test_each_budget_failing_alone(change, name, expected_margin):
     assert failures(list(checks.values())) == [bad["message"]]
 
 
+def test_each_budget_fails_alone_under_strict_too():
+    """--strict adds failures only for untrusted models; a trusted host check leaves each budget failing alone."""
+    from edgedistill.budget import apply_host_trust
+
+    exact = {"error_pct": {"decode": 0.0, "prefill": -10.0}, "trusted": {"decode": True, "prefill": True},
+             "bound_pct": 30.0}
+    for change, name in (({"budget__memory_gb": 0.1}, "footprint_mb"), ({"budget__min_decode_tok_s": 200.0}, "decode_tok_s"),
+                         ({"budget__max_ttft_s": 0.4}, "ttft_ms"), ({"budget__max_battery_pct_per_hour": 0.1},
+                                                                   "battery_pct_per_hour")):
+        t = target(**change)
+        p = projected(t)
+        checks = apply_host_trust(check_artifact(t, artifact_bytes=20_000_000, projected=p, footprint=p["footprint"]),
+                                  exact, strict=True)
+        assert [c["name"] for c in checks if not c["ok"]] == [name]
+
+
 def test_decode_message_reads_plainly():
     msg = checks_for(target(budget__min_decode_tok_s=200.0))["decode_tok_s"]["message"]
     assert msg == "decode 111 tok/s projected on round-numbers < 200 required (\u221244.4%)"

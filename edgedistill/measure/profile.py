@@ -62,20 +62,31 @@ def profile_artifact(path: Path, fmt: str, *, prompt_ids: list[int], new_tokens:
     if n_threads is not None and n_threads < 1:
         raise ValueError("profile_artifact: n_threads must be at least 1")
 
-    with tempfile.TemporaryDirectory(prefix="edgedistill-profile-") as tmp:
-        ids_file = Path(tmp) / "prompt_ids.json"
+    args = ["--format", fmt, "--prompt-ids-file", "prompt_ids.json", "--new-tokens", str(new_tokens),
+            "--repeats", str(repeats)]
+    if n_threads is not None:
+        args += ["--threads", str(n_threads)]
+    args.append(str(path.resolve()))
+    return run_child("edgedistill.measure.profile", args, what=f"profiling {path.name} ({fmt})", timeout_s=timeout_s,
+                     input_files={"prompt_ids.json": json.dumps([int(i) for i in prompt_ids])})
+
+
+def run_child(module: str, args: list[str], *, what: str, timeout_s: float,
+              input_files: dict[str, str] | None = None) -> dict:
+    """Run `python -m module --out FILE *args` in a fresh process and return the JSON it wrote to FILE.
+
+    The child runs in a temporary folder holding `input_files` (name -> text), so `args` can name
+    them relatively. Raises RuntimeError, with the tail of the child's stderr, when the child fails,
+    is killed, runs past `timeout_s` or writes no result.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgedistill-child-") as tmp:
+        for name, text in (input_files or {}).items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
         out_file = Path(tmp) / "result.json"
-        ids_file.write_text(json.dumps([int(i) for i in prompt_ids]), encoding="utf-8")
-        cmd = [sys.executable, "-m", "edgedistill.measure.profile", "--json", "--out", str(out_file),
-               "--format", fmt, "--prompt-ids-file", str(ids_file), "--new-tokens", str(new_tokens),
-               "--repeats", str(repeats)]
-        if n_threads is not None:
-            cmd += ["--threads", str(n_threads)]
-        cmd.append(str(path.resolve()))
+        cmd = [sys.executable, "-m", module, "--out", str(out_file), *args]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        what = f"profiling {path.name} ({fmt})"
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=timeout_s,
                                   cwd=tmp)
