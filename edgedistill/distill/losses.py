@@ -1,6 +1,29 @@
-"""Knowledge-distillation loss: soft teacher targets at temperature tau mixed with hard-label CE."""
+"""Distillation losses: what the student is trained to match, term by term.
+
+Notation: P is the teacher's next-token distribution, Q the student's, both at temperature tau.
+
+- soft-target term, one of (`objective`):
+    forward_kl  KL(P || Q)                                   mass-covering (the classic KD loss)
+    reverse_kl  KL(Q || P)                                   mode-seeking
+    jsd         JSD(beta) = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+                (the GKD paper's generalized Jensen-Shannon, Agarwal et al. 2024). beta = 0 is taken
+                as forward KL and beta = 1 as reverse KL exactly; inside (0, 1) the value is the
+                mixture form above, which shrinks like beta (1 - beta) KL near either end, so a small
+                beta is not a drop-in for forward KL at the same weight.
+  scaled by tau^2 and mixed with hard-label cross-entropy by alpha (alpha_at gives a schedule);
+  optionally over the teacher's top-k tokens plus one tail bucket, and optionally with positions
+  weighted by the teacher's confidence;
+- hidden_state_mse: decoder-layer outputs through learned projections W_l in [d_S, d_T];
+- attention_transfer: attention probabilities at mapped layers, MSE or KL, teacher heads grouped.
+
+Vocabulary-sized terms run over chunks of rows under torch.utils.checkpoint, so the [rows, V]
+float32 buffers of one chunk are alive at a time, never all of [B*L, V].
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,29 +34,199 @@ from torch.utils.checkpoint import checkpoint
 # instead of being kept, so peak memory is a few [CHUNK, V] tensors, not several [B*L, V] ones.
 CHUNK_ROWS = 1024
 
+OBJECTIVES = ("forward_kl", "reverse_kl", "jsd")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+ATTENTION_KINDS = ("mse", "kl")
 
-def _chunk_sums(s: Tensor, t: Tensor, y: Tensor, temperature: float) -> Tensor:
-    """Summed KL(teacher || student) at temperature and summed CE, over the rows of one chunk."""
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which terms the training loss has and how they are weighted (the config's distill.loss).
+
+    Temperature and the starting alpha stay where they always were, in TrainConfig / distill.
+    """
+
+    objective: str = "forward_kl"
+    jsd_beta: float = 0.5
+    alpha_schedule: str = "constant"
+    alpha_end: float = 0.0  # alpha at the last step of a linear or cosine schedule
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+    attention_kind: str = "kl"
+    confidence_weighting: bool = False
+    top_k: int = 0  # 0: the whole vocabulary
+
+    def __post_init__(self):
+        # the config validates these too; this guards direct use of the trainer
+        for value, allowed in ((self.objective, OBJECTIVES), (self.alpha_schedule, ALPHA_SCHEDULES),
+                               (self.attention_kind, ATTENTION_KINDS)):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """bf16/fp16 activations are compared in float32; float64 (gradient checks) stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------- divergences, row by row
+# Inputs are log-probabilities over the last dimension; results are one value per row.
+
+def forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(P || Q) = sum_v p_v (log p_v - log q_v). Tokens with p_v = 0 add 0 (not 0 * inf)."""
+    # the inner where also keeps the gradient finite where both sides are -inf (an empty tail bucket)
+    return (log_p.exp() * torch.where(log_p > -math.inf, log_p - log_q, 0.0)).sum(-1)
+
+
+def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(Q || P): the student's mass where the teacher has little is what costs."""
+    return forward_kl(log_q, log_p)
+
+
+def generalized_jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """beta KL(P || M) + (1 - beta) KL(Q || M) with M = beta P + (1 - beta) Q; forward KL at
+    beta = 0 and reverse KL at beta = 1 (where the mixture form itself would be 0)."""
+    if beta == 0.0:
+        return forward_kl(log_p, log_q)
+    if beta == 1.0:
+        return reverse_kl(log_p, log_q)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * forward_kl(log_p, log_m) + (1.0 - beta) * forward_kl(log_q, log_m)
+
+
+def divergence(log_p: Tensor, log_q: Tensor, objective: str, beta: float = 0.5) -> Tensor:
+    """The soft-target divergence between teacher P and student Q named by `objective`, per row."""
+    if objective == "forward_kl":
+        return forward_kl(log_p, log_q)
+    if objective == "reverse_kl":
+        return reverse_kl(log_p, log_q)
+    if objective == "jsd":
+        return generalized_jsd(log_p, log_q, beta)
+    raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+# ---------------------------------------------------------------- top-k buckets
+
+def tail_log_mass(log_probs: Tensor, top_indices: Tensor) -> Tensor:
+    """log of the probability outside `top_indices`, per row; -inf where nothing is left.
+
+    A logsumexp over the remaining tokens, not log(1 - sum(top)), which loses everything to
+    rounding when the top tokens hold nearly all the mass.
+    """
+    rest = log_probs.scatter(-1, top_indices, -math.inf)
+    empty = (rest == -math.inf).all(-1, keepdim=True)
+    # an all -inf row would give logsumexp a NaN gradient; give it zeros and mask the result instead
+    lse = torch.logsumexp(torch.where(empty, 0.0, rest), dim=-1, keepdim=True)
+    return torch.where(empty, -math.inf, lse).squeeze(-1)
+
+
+def collapse_to_buckets(log_probs: Tensor, top_indices: Tensor) -> Tensor:
+    """[rows, V] log-probabilities -> [rows, k + 1]: the k given tokens, then the rest as one bucket.
+
+    Buckets partition the vocabulary, so the result is again a distribution and any divergence
+    between two such collapsed distributions is >= 0, and 0 exactly when they agree bucket by bucket.
+    """
+    return torch.cat((log_probs.gather(-1, top_indices), tail_log_mass(log_probs, top_indices)[:, None]), dim=-1)
+
+
+def teacher_top_k(log_p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The teacher's k most likely tokens per row and its [rows, k + 1] bucketed log-probabilities."""
+    top_indices = log_p.topk(min(k, log_p.shape[-1]), dim=-1).indices
+    return top_indices, collapse_to_buckets(log_p, top_indices)
+
+
+# ---------------------------------------------------------------- confidence weights
+
+def normalized_confidence(teacher_confidence: Tensor) -> Tensor:
+    """Per-position weights proportional to the teacher's confidence, with mean 1.
+
+    Mean 1 keeps a weighted mean on the scale of the unweighted one: positions where the teacher
+    is sure count more, uncertain ones less, and the loss's size (so alpha and the lr) still fit.
+    """
+    return teacher_confidence / teacher_confidence.mean().clamp_min(torch.finfo(teacher_confidence.dtype).tiny)
+
+
+@torch.no_grad()
+def teacher_max_probability(teacher_logits: Tensor) -> Tensor:
+    """[rows, V] logits -> [rows] the teacher's probability of its top token, at temperature 1
+    (its actual confidence, whatever tau the loss uses); chunked like the losses."""
+    out = []
+    for i in range(0, teacher_logits.shape[0], CHUNK_ROWS):
+        t = teacher_logits[i:i + CHUNK_ROWS]
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        out.append((t.max(-1).values - torch.logsumexp(t, -1)).exp())
+    return torch.cat(out) if out else teacher_logits.new_zeros(0, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- the logit loss
+
+def _chunk_sums(s: Tensor, t: Tensor, top_indices: Tensor | None, y: Tensor, weights: Tensor | None,
+                temperature: float, objective: str, beta: float, top_k: int) -> Tensor:
+    """Summed (weighted) soft-target divergence and summed CE over the rows of one chunk.
+
+    t holds teacher logits [rows, V], or, with top_indices given, the teacher's bucketed
+    log-probabilities [rows, k + 1] (from a logit cache).
+    """
     dtype = torch.promote_types(s.dtype, torch.float32)
-    s, t = s.to(dtype), t.to(dtype)
+    s = s.to(dtype)
     log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    # Tokens the teacher rules out (logit -inf) contribute 0, not 0 * inf.
-    p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum()
+    if top_indices is None:
+        log_p = F.log_softmax(t.to(dtype) / temperature, dim=-1)
+        if top_k:
+            top_indices, log_p = teacher_top_k(log_p, top_k)
+    else:
+        log_p = t.to(dtype)
+    if top_indices is not None:
+        log_q = collapse_to_buckets(log_q, top_indices)
+    d = divergence(log_p, log_q, objective, beta)
+    soft = (d * weights).sum() if weights is not None else d.sum()
     ce = F.cross_entropy(s, y, reduction="sum")
-    return torch.stack((kl, ce))
+    return torch.stack((soft, ce))
+
+
+def _chunked_sums(s: Tensor, t: Tensor, top_indices: Tensor | None, y: Tensor, weights: Tensor | None,
+                  **settings) -> Tensor:
+    sums = s.new_zeros(2, dtype=torch.promote_types(s.dtype, torch.float32))
+    for i in range(0, s.shape[0], CHUNK_ROWS):
+        part = slice(i, i + CHUNK_ROWS)
+        args = (s[part], t[part], None if top_indices is None else top_indices[part], y[part],
+                None if weights is None else weights[part])
+        if s.requires_grad:
+            sums = sums + checkpoint(_chunk_sums, *args, **settings, use_reentrant=False)
+        else:
+            sums = sums + _chunk_sums(*args, **settings)
+    return sums
+
+
+def _mix(sums: Tensor, n: int, student_logits: Tensor, temperature: float, alpha: float) -> tuple[Tensor, dict]:
+    # An all-masked batch gives a zero loss that still depends on the logits, so backward works.
+    soft, ce = sums / max(n, 1)
+    if n == 0:
+        soft = ce = student_logits.sum() * 0.0
+    loss = alpha * temperature**2 * soft + (1.0 - alpha) * ce
+    return loss, {"kl": soft.detach(), "ce": ce.detach()}
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor, labels: Tensor, *,
-            temperature: float, alpha: float) -> tuple[Tensor, dict]:
-    """L = alpha * tau^2 * KL(softmax(z_T/tau) || softmax(z_S/tau)) + (1 - alpha) * CE(z_S, labels).
+            temperature: float, alpha: float, objective: str = "forward_kl", beta: float = 0.5, top_k: int = 0,
+            confidence_weighting: bool = False) -> tuple[Tensor, dict]:
+    """L = alpha * tau^2 * D(P, Q) + (1 - alpha) * CE(z_S, labels), P = softmax(z_T/tau), Q = softmax(z_S/tau).
 
-    Logits are [B, L, V]; labels and labels_mask are [B, L], already shifted so that position t
-    predicts labels[t]. Both terms are means over the positions where labels_mask == 1. The tau^2
-    factor keeps the soft-target gradient on the same scale as CE whatever the temperature
-    (Hinton et al., 2015). Computation is in float32 (float64 inputs stay float64) whatever the
-    logits' dtype. Returns the loss and the detached components {"kl", "ce"} (kl without tau^2).
+    D is the `objective`'s divergence (see the module doc). Logits are [B, L, V]; labels and
+    labels_mask are [B, L], already shifted so that position t predicts labels[t]. Both terms are
+    means over the positions where labels_mask == 1. The tau^2 factor keeps the soft-target
+    gradient on the same scale as CE whatever the temperature (Hinton et al., 2015).
+
+    top_k > 0: D between the teacher's and the student's distributions collapsed to the teacher's
+    top-k tokens plus one tail bucket (what a top-k logit cache can reproduce); top_k >= V is the
+    full D. confidence_weighting: D's mean is weighted by the teacher's top-token probability
+    (temperature 1) normalized to mean 1 over the supervised positions; CE stays unweighted, as the
+    labels' trust does not depend on the teacher's.
+
+    Computation is in float32 (float64 inputs stay float64) whatever the logits' dtype. Returns the
+    loss and the detached components {"kl": D without tau^2, "ce"}.
     """
     keep = labels_mask.reshape(-1).bool()
     vocab = student_logits.shape[-1]
@@ -41,18 +234,129 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
     s = student_logits.reshape(-1, vocab)[keep]
     t = teacher_logits.reshape(-1, vocab)[keep].detach()
     y = labels.reshape(-1)[keep]
-    n = s.shape[0]
+    weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
+    sums = _chunked_sums(s, t, None, y, weights, temperature=temperature, objective=objective, beta=beta,
+                         top_k=top_k)
+    return _mix(sums, s.shape[0], student_logits, temperature, alpha)
 
-    sums = s.new_zeros(2, dtype=torch.promote_types(s.dtype, torch.float32))
-    for i in range(0, n, CHUNK_ROWS):
-        args = (s[i:i + CHUNK_ROWS], t[i:i + CHUNK_ROWS], y[i:i + CHUNK_ROWS], temperature)
-        if s.requires_grad:
-            sums = sums + checkpoint(_chunk_sums, *args, use_reentrant=False)
+
+def kd_loss_top_k(student_logits: Tensor, top_indices: Tensor, top_log_probs: Tensor, tail_log_probs: Tensor,
+                  labels_mask: Tensor, labels: Tensor, *, temperature: float, alpha: float,
+                  objective: str = "forward_kl", beta: float = 0.5,
+                  confidence_weighting: bool = False) -> tuple[Tensor, dict]:
+    """kd_loss against cached teacher outputs: per position the teacher's top-k token ids [B, L, k],
+    their log-probabilities [B, L, k] and the log of the remaining mass [B, L].
+
+    The student's distribution at tau is collapsed to the same k + 1 buckets, so D stays a true
+    divergence: >= 0, and 0 exactly when the student's bucket masses equal the teacher's. The
+    cached log-probabilities are used as they are: they must be at the training temperature (a
+    tail bucket cannot be re-tempered exactly). Confidence is the largest cached probability, so
+    it is taken at that temperature too (kd_loss takes it at temperature 1).
+    """
+    keep = labels_mask.reshape(-1).bool()
+    vocab, k = student_logits.shape[-1], top_indices.shape[-1]
+    s = student_logits.reshape(-1, vocab)[keep]
+    idx = top_indices.reshape(-1, k)[keep]
+    buckets = torch.cat((top_log_probs.reshape(-1, k), tail_log_probs.reshape(-1, 1)), dim=-1)[keep].detach()
+    y = labels.reshape(-1)[keep]
+    weights = None
+    if confidence_weighting and len(buckets):
+        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
+    sums = _chunked_sums(s, buckets, idx, y, weights, temperature=temperature, objective=objective, beta=beta,
+                         top_k=k)
+    return _mix(sums, s.shape[0], student_logits, temperature, alpha)
+
+
+def alpha_at(step: int, steps: int, start: float, end: float, schedule: str) -> float:
+    """The soft-target weight alpha at `step` of `steps`: constant `start`, or annealed from `start`
+    at the first step to `end` at the last one (linearly, or along a half cosine), which moves
+    the weight toward the hard labels when end < start."""
+    if schedule == "constant" or steps <= 1:
+        return start
+    progress = min(step / (steps - 1), 1.0)
+    if schedule == "linear":
+        return start + (end - start) * progress
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown alpha schedule {schedule!r}; choose one of {', '.join(ALPHA_SCHEDULES)}")
+
+
+# ---------------------------------------------------------------- hidden states
+
+class HiddenProjection(torch.nn.Module):
+    """The learned W_l: d_S -> d_T (no bias), one per mapped student layer.
+
+    A module of its own, beside the student: it trains and is checkpointed with it, but is not part
+    of the model that gets exported. Calling it (rather than indexing its layers) lets a DDP wrapper
+    see the forward and synchronize its gradients.
+    """
+
+    def __init__(self, n_layers: int, student_hidden: int, teacher_hidden: int, seed: int = 0):
+        super().__init__()
+        # seeded apart from the global RNG, so that adding it leaves the run's other randomness as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+                                              for _ in range(n_layers))
+
+    def forward(self, student_hidden: list[Tensor]) -> list[Tensor]:
+        return [w(h.to(w.weight.dtype)) for w, h in zip(self.layers, student_hidden, strict=True)]
+
+
+def hidden_state_mse(projected_student: list[Tensor], teacher_hidden: list[Tensor]) -> Tensor:
+    """Mean over mapped layer pairs l of mean((h_S W_l - h_T)^2) / mean(h_T^2).
+
+    h_S W_l [B, L, d_T] (HiddenProjection's output) and h_T [B, L, d_T] are the outputs of student
+    layer l and of the teacher layer it maps to, at every position (prompt tokens' states feed the
+    answer's predictions too). Dividing by the teacher's mean square makes each layer's term
+    scale-free (1 = no better than predicting zeros): residual streams grow with depth and differ
+    between models, and unscaled the deepest layers would drown the rest and no single weight
+    would suit every teacher.
+    """
+    terms = []
+    for h_s, h_t in zip(projected_student, teacher_hidden, strict=True):
+        h_s, h_t = _at_least_float32(h_s), _at_least_float32(h_t.detach())
+        error = (h_s - h_t).pow(2).mean()
+        terms.append(error / h_t.pow(2).mean().clamp_min(torch.finfo(h_t.dtype).tiny))
+    return torch.stack(terms).mean()
+
+
+# ---------------------------------------------------------------- attention maps
+
+def match_heads(teacher_attention: Tensor, student_heads: int) -> tuple[Tensor, bool]:
+    """Teacher attention probabilities [B, H_T, L, L] brought to the student's heads.
+
+    When H_T is a multiple of H_S, teacher heads are averaged in H_S contiguous groups (GQA orders
+    query heads by kv group, and pruning keeps whole groups, so a contiguous group is the teacher's
+    nearest counterpart of a student head); otherwise both sides are compared head-averaged. An
+    average of attention rows is still a distribution over keys. Returns the maps and whether the
+    student's maps must be head-averaged too.
+    """
+    b, h_t, lq, lk = teacher_attention.shape
+    if h_t % student_heads == 0:
+        return teacher_attention.reshape(b, student_heads, h_t // student_heads, lq, lk).mean(2), False
+    return teacher_attention.mean(1, keepdim=True), True
+
+
+def attention_transfer(student_attention: list[Tensor], teacher_attention: list[Tensor], kind: str) -> Tensor:
+    """Mean over mapped layer pairs of the distance between attention probabilities [B, H, L, L].
+
+    kind="kl": KL(A_T || A_S) of each query row (a distribution over keys), averaged over batch,
+    heads and queries. kind="mse": the squared error summed over keys, averaged the same way, so
+    its size does not shrink as rows get longer. Heads are matched by match_heads.
+    """
+    terms = []
+    for a_s, a_t in zip(student_attention, teacher_attention, strict=True):
+        a_t, average_student = match_heads(_at_least_float32(a_t.detach()), a_s.shape[1])
+        a_s = _at_least_float32(a_s)
+        a_s = a_s.mean(1, keepdim=True) if average_student else a_s
+        if kind == "kl":
+            # the causal mask gives both sides exact zeros above the diagonal (p = 0 adds 0); a
+            # student probability that underflowed below it must not give log 0
+            tiny = torch.finfo(a_s.dtype).tiny
+            terms.append(forward_kl(a_t.clamp_min(0.0).log(), a_s.clamp_min(tiny).log()).mean())
+        elif kind == "mse":
+            terms.append((a_s - a_t).pow(2).sum(-1).mean())
         else:
-            sums = sums + _chunk_sums(*args)
-    # An all-masked batch gives a zero loss that still depends on the logits, so backward works.
-    kl, ce = sums / max(n, 1)
-    if n == 0:
-        kl = ce = student_logits.sum() * 0.0
-    loss = alpha * temperature**2 * kl + (1.0 - alpha) * ce
-    return loss, {"kl": kl.detach(), "ce": ce.detach()}
+            raise ValueError(f"unknown attention loss {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    return torch.stack(terms).mean()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from edgedistill.data.teacher_answers import read_jsonl
 from edgedistill.distill.qat import QuantSpec, learned_scales
 from edgedistill.distill.quantized import save_learned_scales
+from edgedistill.distill.losses import LossSpec
 from edgedistill.distill.trainer import TrainConfig, distill
 from edgedistill.formats import FORMATS
 from edgedistill.measure.quality import evaluate, teacher_targets
@@ -41,13 +42,27 @@ def qat_spec(cfg, plan_student: dict) -> QuantSpec | None:
                       learn_scales=cfg.distill.qat_learn_scales)
 
 
-def train_config(d, steps: int, qat: QuantSpec | None, seed: int) -> TrainConfig:
-    """The trainer's settings from the build's `distill` section, for a run of `steps` steps."""
+def train_config(d, steps: int, qat: QuantSpec | None, seed: int, layer_map: list[int] | None = None) -> TrainConfig:
+    """The trainer's settings from the build's `distill` section, for a run of `steps` steps;
+    layer_map: student layer -> layer of the model it trains against (None: evenly spaced)."""
     return TrainConfig(
         steps=steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
-        temperature=d.temperature, alpha=d.alpha, qat=qat, qat_start_step=int(d.qat_start_fraction * steps),
-        checkpoint_every=d.checkpoint_every, seed=seed, mixed_precision=d.mixed_precision,
+        temperature=d.temperature, alpha=d.alpha, loss=LossSpec(**dict(d.loss)), layer_map=layer_map, qat=qat,
+        qat_start_step=int(d.qat_start_fraction * steps), checkpoint_every=d.checkpoint_every, seed=seed,
+        mixed_precision=d.mixed_precision,
     )
+
+
+def coach_layer_map(init_summary: dict) -> list[int] | None:
+    """Student layer -> layer of the model the distill stage trains against, from the init stage's
+    record: the teacher's layers, or, after a progressive init, the assistant's (the init stage
+    records layers of the original teacher, and the assistant's own map to them)."""
+    to_teacher = init_summary.get("layer_map")
+    chain = init_summary["progressive"]
+    if to_teacher is None or not chain:
+        return to_teacher
+    assistant_to_teacher = chain[-1]["layer_map"]
+    return [assistant_to_teacher.index(t) for t in to_teacher]
 
 
 def run(ctx) -> dict:
@@ -69,7 +84,8 @@ def run(ctx) -> dict:
 
     targets = teacher_targets(teacher, heldout)
     quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
-    result = distill(student, coach, train, train_config(d, steps, qat, cfg.seed), ctx.dir,
+    run_cfg = train_config(d, steps, qat, cfg.seed, coach_layer_map(ctx["init"].summary))
+    result = distill(student, coach, train, run_cfg, ctx.dir,
                      resume=ctx.session.resume, progress=ctx.session.progress)
     quality["student"] = evaluate(student, targets, heldout)
     learned = learned_scales(student, remove=True)

@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +29,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from torch.utils.data import DataLoader, TensorDataset
 
-from edgedistill.distill.losses import kd_loss
+from edgedistill.distill.losses import (
+    HiddenProjection,
+    LossSpec,
+    alpha_at,
+    attention_transfer,
+    hidden_state_mse,
+    kd_loss,
+)
 from edgedistill.distill.qat import (
     SCALE,
     QuantSpec,
@@ -38,6 +46,7 @@ from edgedistill.distill.qat import (
     init_learned_scales,
 )
 from edgedistill.errors import UserError
+from edgedistill.prune import layer_map as evenly_spaced_layers
 
 
 @dataclass
@@ -50,7 +59,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     temperature: float = 2.0
-    alpha: float = 0.7
+    alpha: float = 0.7  # soft-target weight; where loss.alpha_schedule starts
+    loss: LossSpec = field(default_factory=LossSpec)
+    # student layer i -> the teacher layer it was cut from (the init stage's); None: evenly spaced
+    layer_map: list[int] | None = None
     qat: QuantSpec | None = None  # fake-quant of this artifact setting, from qat_start_step on
     qat_start_step: int = 0
     checkpoint_every: int = 50
@@ -135,12 +147,68 @@ def _progress_bar(enabled: bool) -> Progress:
 _NOT_IN_RUN_IDENTITY = ("checkpoint_every",)
 
 
+def _uses_layers(spec: LossSpec) -> bool:
+    return spec.hidden_weight > 0 or spec.attention_weight > 0
+
+
 def _run_identity(cfg: TrainConfig, data: tuple[torch.Tensor, ...], world: int) -> dict:
     fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_RUN_IDENTITY}
+    # Loss settings that change nothing are left out, so checkpoints from before they existed still match.
+    if cfg.loss == LossSpec():
+        del fields["loss"]
+    if not _uses_layers(cfg.loss):
+        del fields["layer_map"]
     digest = hashlib.sha256()
     for t in data:
         digest.update(t.numpy().tobytes())
     return {"config": fields, "data_sha256": digest.hexdigest(), "processes": world}
+
+
+def _layer_pairs(layer_map: list[int] | None, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs that hidden-state and attention losses compare."""
+    mapping = layer_map if layer_map is not None else evenly_spaced_layers(teacher_layers, student_layers)
+    if len(mapping) != student_layers or not all(0 <= j < teacher_layers for j in mapping):
+        raise ValueError(f"layer map {mapping} does not map {student_layers} student layers onto "
+                         f"{teacher_layers} teacher layers")
+    return list(enumerate(mapping))
+
+
+@contextmanager
+def _attention_probabilities(models: list[torch.nn.Module], wanted: bool):
+    """HF models return attention probabilities only from their eager attention: switch to it for
+    the run when a loss needs them (it is slower and keeps [B, H, L, L] maps), then back."""
+    before = [m.config._attn_implementation for m in models] if wanted else []
+    for m in models if wanted else []:
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m, implementation in zip(models, before):
+            m.set_attn_implementation(implementation)
+
+
+def _trained_parameters(student, projection) -> list[torch.nn.Parameter]:
+    return list(student.parameters()) + (list(projection.parameters()) if projection is not None else [])
+
+
+def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, alpha: float,
+               projection, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch: the logit term, plus the layer terms that have a weight."""
+    spec = cfg.loss
+    loss, parts = kd_loss(student_out.logits, teacher_out.logits, mask, labels, temperature=cfg.temperature,
+                          alpha=alpha, objective=spec.objective, beta=spec.jsd_beta, top_k=spec.top_k,
+                          confidence_weighting=spec.confidence_weighting)
+    if spec.hidden_weight > 0:
+        # hidden_states[0] is the embedding output, so layer i's output is entry i + 1
+        student_hidden = [student_out.hidden_states[i + 1] for i, _ in pairs]
+        teacher_hidden = [teacher_out.hidden_states[j + 1] for _, j in pairs]
+        parts["hidden"] = hidden_state_mse(projection(student_hidden), teacher_hidden)
+        loss = loss + spec.hidden_weight * parts["hidden"]
+    if spec.attention_weight > 0:
+        parts["attention"] = attention_transfer([student_out.attentions[i] for i, _ in pairs],
+                                                [teacher_out.attentions[j] for _, j in pairs], spec.attention_kind)
+        loss = loss + spec.attention_weight * parts["attention"]
+    return loss, {k: v.detach() for k, v in parts.items()}
 
 
 def _latest_checkpoint(workdir: Path) -> Path | None:
@@ -258,22 +326,35 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     student.train()
     if cfg.qat and cfg.qat.learn_scales:
         init_learned_scales(student, cfg.qat)  # in the optimizer and the checkpoints from the start
+    # the hidden-state loss's projections W_l train with the student and are checkpointed beside it
+    spec = cfg.loss
+    pairs = (_layer_pairs(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+             if _uses_layers(spec) else [])
+    projection = None
+    if spec.hidden_weight > 0:
+        projection = HiddenProjection(len(pairs), student.config.hidden_size, teacher.config.hidden_size,
+                                      seed=cfg.seed).to(accelerator.device)
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if projection is not None:
+        params += [("projection." + n, p) for n, p in projection.named_parameters()]
     decayed = {n for n, p in params if p.dim() >= 2 and not n.endswith(SCALE)}
     groups = [{"params": [p for n, p in params if n in decayed], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    if projection is None:
+        student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    else:  # save_state/load_state then keep it too, as a second model
+        student, projection, optimizer, loader = accelerator.prepare(student, projection, optimizer, loader)
     model = accelerator.unwrap_model(student)
 
     # ---- resume: weights, optimizer moments and RNG states come back with load_state
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "qat": None}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "part_curves": {}, "qat": None}
     ckpt = _latest_checkpoint(workdir) if resume else None
     if ckpt is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta["identity"] == identity:
             accelerator.load_state(str(ckpt))
-            state = meta["state"]
+            state = {"part_curves": {}, **meta["state"]}
             if state["qat"]:
                 enable_fake_quant(model, QuantSpec.from_dict(state["qat"]))
         else:
@@ -284,7 +365,10 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     batches = iter(accelerator.skip_first_batches(loader, state["step"]))
     session_tokens, t0, seconds0 = 0, time.perf_counter(), state["seconds"]
     bar = _progress_bar(progress and accelerator.is_main_process)
-    with bar, _StopRequest() as stop:
+    # only the models' own outputs that a loss term reads are asked for
+    wanted = {"use_cache": False, "output_hidden_states": spec.hidden_weight > 0,
+              "output_attentions": spec.attention_weight > 0}
+    with bar, _StopRequest() as stop, _attention_probabilities([model, teacher], spec.attention_weight > 0):
         task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
         for step in range(state["step"], last):
             if cfg.qat and step >= cfg.qat_start_step and not state["qat"]:
@@ -298,17 +382,22 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
 
             inputs, labels, mask = next(batches)
             with torch.inference_mode(), accelerator.autocast():
-                teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
-            student_logits = student(input_ids=inputs, use_cache=False).logits
-            loss, _ = kd_loss(student_logits, teacher_logits, mask, labels,
-                              temperature=cfg.temperature, alpha=cfg.alpha)
+                teacher_out = teacher(input_ids=inputs, **wanted)
+            student_out = student(input_ids=inputs, **wanted)
+            alpha = alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
+            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                accelerator.clip_grad_norm_(_trained_parameters(student, projection), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            # one collective for the loss and its parts
+            figures = accelerator.reduce(torch.stack([loss.detach(), *parts.values()]).float(), reduction="mean")
+            loss_value, *part_values = figures.tolist()
+            for name, value in zip(parts, part_values):
+                # 4 significant digits: layer terms can be far below the loss's 4 decimals
+                state["part_curves"].setdefault(name, []).append(float(f"{value:.4g}"))
             step_tokens = inputs.numel() * accelerator.num_processes
             session_tokens += step_tokens
             elapsed = time.perf_counter() - t0
@@ -339,4 +428,5 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         "mixed_precision": accelerator.mixed_precision,
         "qat_ran": state["qat"] is not None,  # fake-quant switched on before the run ended
         "loss_curve": curve,
+        "loss_parts": state["part_curves"],  # per step: "kl" (the soft-target divergence), "ce", "hidden", "attention"
     }

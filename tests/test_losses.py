@@ -1,0 +1,473 @@
+"""Distillation losses: each one against a value computed by hand, a float64 gradient check, the
+properties each promises, and a few training steps on the tiny teacher that lower it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_llama
+
+from edgedistill.distill import losses
+from edgedistill.distill.losses import (
+    HiddenProjection,
+    LossSpec,
+    alpha_at,
+    attention_transfer,
+    collapse_to_buckets,
+    divergence,
+    hidden_state_mse,
+    kd_loss,
+    kd_loss_top_k,
+    teacher_top_k,
+)
+
+# ---------------------------------------------------------------- plain-math references
+
+
+def softmax(z, tau=1.0):
+    e = [math.exp(x / tau) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def cross_entropy(z, label):
+    return math.log(sum(math.exp(x) for x in z)) - z[label]
+
+
+# Two supervised positions and a prompt position that must not count (the existing KD test's data).
+S = [[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [9.0, 9.0, 9.0]]
+T = [[2.0, 0.0, 1.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]
+LABELS, MASK = [1, 2, 0], [1, 1, 0]
+
+
+def batch(dtype=torch.float32):
+    return (torch.tensor([S], dtype=dtype), torch.tensor([T], dtype=dtype), torch.tensor([MASK]),
+            torch.tensor([LABELS]))
+
+
+def hand_loss(divergence_of, tau, alpha, weights=(1.0, 1.0)):
+    """alpha tau^2 mean_i w_i D(p_i, q_i) + (1 - alpha) mean_i CE_i over the two supervised positions."""
+    soft = sum(w * divergence_of(softmax(T[i], tau), softmax(S[i], tau)) for i, w in zip(range(2), weights)) / 2
+    ce = sum(cross_entropy(S[i], LABELS[i]) for i in range(2)) / 2
+    return alpha * tau**2 * soft + (1 - alpha) * ce, soft, ce
+
+
+def random_batch(seed, b=2, length=5, vocab=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, length, vocab, dtype=dtype, generator=g) * 2
+    t = torch.randn(b, length, vocab, dtype=dtype, generator=g) * 2
+    labels = torch.randint(0, vocab, (b, length), generator=g)
+    mask = torch.randint(0, 2, (b, length), generator=g)
+    mask[0, 0] = 1  # at least one supervised position
+    return s, t, mask, labels
+
+
+# ---------------------------------------------------------------- soft-target divergences
+
+
+def test_forward_kl_matches_hand_computation():
+    want, soft, ce = hand_loss(kl, tau=2.0, alpha=0.7)
+    loss, parts = kd_loss(*batch(), temperature=2.0, alpha=0.7, objective="forward_kl")
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6) and parts["ce"].item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_reverse_kl_matches_hand_computation():
+    want, soft, _ = hand_loss(lambda p, q: kl(q, p), tau=2.0, alpha=0.6)
+    loss, parts = kd_loss(*batch(), temperature=2.0, alpha=0.6, objective="reverse_kl")
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6)
+
+
+def test_jsd_matches_hand_computation():
+    beta = 0.3
+
+    def jsd(p, q):
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+    want, soft, _ = hand_loss(jsd, tau=1.5, alpha=0.8)
+    loss, parts = kd_loss(*batch(), temperature=1.5, alpha=0.8, objective="jsd", beta=beta)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6)
+
+
+def test_jsd_endpoints_are_the_kls_and_its_limits_approach_them():
+    s, t, mask, labels = random_batch(0)
+    for beta, objective in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        jsd, _ = kd_loss(s, t, mask, labels, temperature=2.0, alpha=0.5, objective="jsd", beta=beta)
+        exact, _ = kd_loss(s, t, mask, labels, temperature=2.0, alpha=0.5, objective=objective)
+        assert torch.equal(jsd, exact)
+
+    # Near the ends, JSD(beta) ~ beta KL(P||Q) and ~ (1 - beta) KL(Q||P): the same directions.
+    log_p, log_q = F.log_softmax(t[0], -1), F.log_softmax(s[0], -1)
+    eps = 1e-8  # the next terms are O(eps^2) chi-square sized; float64 cancellation is O(1e-16 / eps)
+    assert torch.allclose(divergence(log_p, log_q, "jsd", eps) / eps, divergence(log_p, log_q, "forward_kl"), rtol=1e-4)
+    assert torch.allclose(divergence(log_p, log_q, "jsd", 1 - eps) / eps, divergence(log_p, log_q, "reverse_kl"),
+                          rtol=1e-4)
+
+
+def test_divergences_are_zero_only_at_equality():
+    s, t, mask, labels = random_batch(1)
+    for objective in losses.OBJECTIVES:
+        _, same = kd_loss(s, s.clone(), mask, labels, temperature=2.0, alpha=1.0, objective=objective)
+        _, other = kd_loss(s, t, mask, labels, temperature=2.0, alpha=1.0, objective=objective)
+        assert same["kl"].item() == pytest.approx(0.0, abs=1e-12) and other["kl"].item() > 0
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+@pytest.mark.parametrize("top_k", [0, 3])
+@pytest.mark.parametrize("confidence", [False, True])
+def test_logit_loss_gradcheck_float64_across_chunks(monkeypatch, objective, top_k, confidence):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 2)  # several checkpointed chunks, the last one short
+    s, t, mask, labels = random_batch(2, vocab=5)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss(x, t, mask, labels, temperature=1.5, alpha=0.4, objective=objective, beta=0.3,
+                          top_k=top_k, confidence_weighting=confidence)[0], (s,))
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+@pytest.mark.parametrize("top_k", [0, 3])
+@pytest.mark.parametrize("confidence", [False, True])
+def test_chunking_does_not_change_the_result(monkeypatch, objective, top_k, confidence):
+    s, t, mask, labels = random_batch(3, b=3, length=7, vocab=11)
+    settings = dict(temperature=2.0, alpha=0.5, objective=objective, beta=0.3, top_k=top_k,
+                    confidence_weighting=confidence)
+    whole, _ = kd_loss(s, t, mask, labels, **settings)
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 3)
+    chunked, _ = kd_loss(s, t, mask, labels, **settings)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-12)
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
+    s, t, mask, labels = random_batch(4)
+    s.requires_grad_(True)
+    for objective in losses.OBJECTIVES:
+        loss, _ = kd_loss(s, t, torch.zeros_like(mask), labels, temperature=2.0, alpha=0.5, objective=objective,
+                          top_k=3, confidence_weighting=True)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.all(s.grad == 0)
+
+
+# ---------------------------------------------------------------- alpha schedule
+
+
+def test_alpha_schedule_values():
+    assert [alpha_at(i, 11, 0.9, 0.1, "constant") for i in (0, 5, 10)] == [0.9, 0.9, 0.9]
+    assert [alpha_at(i, 11, 0.9, 0.1, "linear") for i in (0, 5, 10)] == pytest.approx([0.9, 0.5, 0.1])
+    assert alpha_at(2, 11, 0.9, 0.1, "linear") == pytest.approx(0.9 - 0.8 * 0.2)
+    cosine = [alpha_at(i, 11, 0.9, 0.1, "cosine") for i in range(11)]
+    assert cosine[0] == pytest.approx(0.9) and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.1)
+    assert cosine[2] == pytest.approx(0.1 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))  # monotone toward the hard labels
+    assert alpha_at(0, 1, 0.9, 0.1, "linear") == 0.9  # a one-step run stays at the start
+
+
+# ---------------------------------------------------------------- confidence weighting
+
+
+def test_confidence_weighting_matches_hand_computation():
+    tau = 2.0
+    # the teacher's top-token probability at temperature 1 (its confidence), whatever tau the loss uses
+    conf = [max(softmax(T[i])) for i in range(2)]
+    weights = [c / (sum(conf) / 2) for c in conf]
+    assert sum(weights) / 2 == pytest.approx(1.0)  # mean 1: the loss keeps its scale
+    want, soft, _ = hand_loss(kl, tau=tau, alpha=0.7, weights=weights)
+    loss, parts = kd_loss(*batch(), temperature=tau, alpha=0.7, confidence_weighting=True)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6)
+
+    # weights that are all equal change nothing
+    flat = torch.zeros(1, 3, 3)
+    s, _, mask, labels = batch()
+    assert kd_loss(s, flat, mask, labels, temperature=tau, alpha=0.7, confidence_weighting=True)[0].item() == \
+        pytest.approx(kd_loss(s, flat, mask, labels, temperature=tau, alpha=0.7)[0].item(), rel=1e-6)
+
+
+def test_confidence_weights_favour_confident_positions():
+    # the student is wrong by the same amount at both positions; the teacher is sure only at the first
+    t = torch.tensor([[[8.0, 0.0, 0.0], [0.1, 0.0, 0.0]]])
+    s = torch.tensor([[[0.0, 8.0, 0.0], [0.0, 0.1, 0.0]]])
+    mask, labels = torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
+    _, plain = kd_loss(s, t, mask, labels, temperature=1.0, alpha=1.0)
+    _, weighted = kd_loss(s, t, mask, labels, temperature=1.0, alpha=1.0, confidence_weighting=True)
+    assert weighted["kl"] > plain["kl"]  # the confident position, which has the larger KL, counts more
+
+
+# ---------------------------------------------------------------- top-k with a tail bucket
+
+
+def test_top_k_kl_matches_hand_computation():
+    t, s = [3.0, 1.0, 0.0, -1.0], [1.0, 2.0, 0.5, 0.0]
+    p, q = softmax(t), softmax(s)
+    buckets_p, buckets_q = [p[0], p[1], p[2] + p[3]], [q[0], q[1], q[2] + q[3]]
+    want = kl(buckets_p, buckets_q)
+    one = torch.ones(1, 1, dtype=torch.long)
+    args = (torch.tensor([[s]]), torch.tensor([[t]]), one, 0 * one)
+    loss, parts = kd_loss(*args, temperature=1.0, alpha=1.0, top_k=2)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    # the same from a cache holding the teacher's top-2 ids, their log-probabilities and the tail's
+    cached, _ = kd_loss_top_k(args[0], torch.tensor([[[0, 1]]]), torch.tensor([[[math.log(p[0]), math.log(p[1])]]]),
+                              torch.tensor([[math.log(p[2] + p[3])]]), args[2], args[3], temperature=1.0, alpha=1.0)
+    assert cached.item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_divergence(objective):
+    s, t, mask, labels = random_batch(5, vocab=6)
+    full, _ = kd_loss(s, t, mask, labels, temperature=2.0, alpha=0.6, objective=objective, beta=0.3)
+    for k in (6, 50):  # k above the vocabulary means the whole vocabulary
+        top, _ = kd_loss(s, t, mask, labels, temperature=2.0, alpha=0.6, objective=objective, beta=0.3, top_k=k)
+        assert top.item() == pytest.approx(full.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_top_k_divergence_is_nonnegative_and_zero_exactly_when_buckets_agree(objective):
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(64, 9, dtype=torch.float64, generator=g) * 3
+    log_p_full = F.log_softmax(t, -1)
+    idx, log_p = teacher_top_k(log_p_full, 3)
+    for _ in range(5):
+        s = torch.randn(64, 9, dtype=torch.float64, generator=g) * 3
+        d = divergence(log_p, collapse_to_buckets(F.log_softmax(s, -1), idx), objective, 0.3)
+        assert torch.all(d > 0)
+    # a student that moves mass around inside the tail, but keeps every bucket's total, is at 0
+    tail = torch.ones_like(log_p_full, dtype=torch.bool).scatter(-1, idx, False)
+    shuffled = log_p_full.clone()
+    for row in range(len(t)):
+        rest = shuffled[row, tail[row]]
+        shuffled[row, tail[row]] = rest.flip(0)
+    assert not torch.allclose(shuffled, log_p_full)
+    d = divergence(log_p, collapse_to_buckets(shuffled, idx), objective, 0.3)
+    assert torch.allclose(d, torch.zeros_like(d), atol=1e-12)
+
+
+def test_top_k_buckets_hold_all_the_mass_and_an_empty_tail_is_safe():
+    g = torch.Generator().manual_seed(7)
+    log_p = F.log_softmax(torch.randn(4, 8, dtype=torch.float64, generator=g), -1)
+    for k in (1, 3, 8):
+        _, buckets = teacher_top_k(log_p, k)
+        assert buckets.shape == (4, k + 1)
+        assert torch.allclose(buckets.exp().sum(-1), torch.ones(4, dtype=torch.float64))
+    _, buckets = teacher_top_k(log_p, 8)
+    assert torch.all(buckets[:, -1] == -math.inf)  # nothing left in the tail, no NaN
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_cached_top_k_matches_the_online_teacher_and_passes_gradcheck(monkeypatch, objective):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 2)
+    s, t, mask, labels = random_batch(8, vocab=6)
+    tau, k = 1.5, 3
+    # what a logit cache holds: at the training temperature, top-k log-probs and the tail's log-mass
+    log_p = F.log_softmax(t / tau, -1)
+    top = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(-1, top.indices, -math.inf).logsumexp(-1)
+    settings = dict(temperature=tau, alpha=0.6, objective=objective, beta=0.3)
+    cached, _ = kd_loss_top_k(s, top.indices, top.values, rest, mask, labels, **settings)
+    online, _ = kd_loss(s, t, mask, labels, top_k=k, **settings)
+    assert cached.item() == pytest.approx(online.item(), rel=1e-12)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss_top_k(x, top.indices, top.values, rest, mask, labels, **settings)[0], (s,))
+
+
+# ---------------------------------------------------------------- hidden states
+
+
+def test_hidden_state_mse_matches_hand_computation():
+    proj = HiddenProjection(2, student_hidden=2, teacher_hidden=3)
+    with torch.no_grad():
+        proj.layers[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))  # h -> (h1, h2, h1 + h2)
+        proj.layers[1].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
+    h_s = [torch.tensor([[[1.0, 2.0], [0.0, -1.0]]]), torch.tensor([[[1.0, 1.0], [2.0, 0.0]]])]
+    h_t = [torch.tensor([[[1.0, 1.0, 3.0], [1.0, -1.0, 0.0]]]),
+           torch.tensor([[[2.0, 0.0, 1.0], [4.0, 0.0, 0.0]]])]  # exactly the second projection's output
+    # layer 0: projected (1, 2, 3), (0, -1, -1); squared errors 0 1 0 and 1 0 1 -> mean 3/6;
+    # teacher mean square (1 + 1 + 9 + 1 + 1 + 0)/6 -> term (3/6)/(13/6) = 3/13. Layer 1: 0.
+    got = hidden_state_mse(proj(h_s), h_t)
+    assert got.item() == pytest.approx((3 / 13 + 0) / 2, rel=1e-6)
+
+
+def test_hidden_state_mse_gradcheck_float64():
+    g = torch.Generator().manual_seed(9)
+    h_s = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    h_t = torch.randn(2, 3, 5, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda h, w: hidden_state_mse([F.linear(h, w)], [h_t]), (h_s, w))
+
+
+def test_hidden_projection_is_seeded_apart_from_the_global_rng():
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    a = HiddenProjection(2, 4, 6, seed=3)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # creating it consumed none of the run's randomness
+    assert torch.equal(a.layers[1].weight, HiddenProjection(2, 4, 6, seed=3).layers[1].weight)
+
+
+# ---------------------------------------------------------------- attention maps
+
+
+def test_attention_transfer_matches_hand_computation():
+    # causal maps, one query row each of length 1 and 2; the teacher's two heads average into the student's one
+    teacher = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]], [[1.0, 0.0], [0.9, 0.1]]]])  # [B=1, H=2, L=2, L=2]
+    student = torch.tensor([[[[1.0, 0.0], [0.6, 0.4]]]])  # [1, 1, 2, 2]; teacher's average row 1: (0.7, 0.3)
+    want_kl = (0.0 + 0.7 * math.log(0.7 / 0.6) + 0.3 * math.log(0.3 / 0.4)) / 2  # mean over the 2 query rows
+    want_mse = (0.0 + 0.1**2 + 0.1**2) / 2  # squared error summed over keys, mean over rows
+    assert attention_transfer([student], [teacher], "kl").item() == pytest.approx(want_kl, rel=1e-5)
+    assert attention_transfer([student], [teacher], "mse").item() == pytest.approx(want_mse, rel=1e-5)
+
+    # 3 teacher heads against 2 student heads do not group: both sides are compared head-averaged
+    teacher3 = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]], [[1.0, 0.0], [0.8, 0.2]], [[1.0, 0.0], [0.2, 0.8]]]])
+    student2 = torch.tensor([[[[1.0, 0.0], [0.6, 0.4]], [[1.0, 0.0], [0.2, 0.8]]]])  # average row 1: (0.4, 0.6)
+    assert attention_transfer([student2], [teacher3], "mse").item() == pytest.approx((0.1**2 + 0.1**2) / 2, rel=1e-5)
+    want = (0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)) / 2
+    assert attention_transfer([student2], [teacher3], "kl").item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", losses.ATTENTION_KINDS)
+def test_attention_transfer_gradcheck_float64(kind):
+    g = torch.Generator().manual_seed(10)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    scores = torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=g).masked_fill(~causal, -math.inf).softmax(-1)
+    assert torch.autograd.gradcheck(
+        lambda x: attention_transfer([x.masked_fill(~causal, -math.inf).softmax(-1)], [teacher], kind), (scores,))
+
+
+# ---------------------------------------------------------------- in the training loop, on the tiny teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_teacher_dir, tokenizer_dir, tmp_path_factory):
+    """The tiny teacher (4 layers, width 64, 4 heads) and a smaller student (2 layers, width 32, 2 heads),
+    so the projections and the head grouping have something to do."""
+    from transformers import AutoModelForCausalLM
+
+    student_dir = make_tiny_llama(tmp_path_factory.mktemp("student"), tokenizer_dir, layers=2, hidden=32,
+                                  intermediate=64, heads=2, kv_heads=1, seed=1)
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
+    teacher = load(tiny_teacher_dir)
+    with torch.no_grad():  # a random init predicts nearly uniformly; sharper logits give KD something to learn
+        teacher.model.norm.weight.mul_(8.0)
+    return teacher, lambda: load(student_dir)
+
+
+SEQ_LEN = 24
+
+
+@pytest.fixture(scope="module")
+def few_examples(tiny_pair):
+    """One example exactly a row long: every row, so every step, sees the same tokens, and a few
+    steps show progress rather than the noise between batches."""
+    teacher, _ = tiny_pair
+    ids = torch.randint(0, teacher.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": ids.tolist(), "loss_mask": [0] * 8 + [1] * (SEQ_LEN - 8)}]
+
+
+def short_run(**overrides):
+    from edgedistill.distill.trainer import TrainConfig
+
+    settings = dict(steps=6, batch_size=1, seq_len=SEQ_LEN, lr=1e-2, warmup_steps=1, alpha=1.0, checkpoint_every=100)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def early_and_late(curve):
+    return sum(curve[:2]) / 2, sum(curve[-2:]) / 2
+
+
+@pytest.mark.parametrize("spec, part", [
+    (LossSpec(objective="reverse_kl"), "kl"),
+    (LossSpec(objective="jsd", jsd_beta=0.5), "kl"),
+    (LossSpec(top_k=16), "kl"),
+    (LossSpec(confidence_weighting=True), "kl"),
+    (LossSpec(hidden_weight=1.0), "hidden"),
+    (LossSpec(attention_weight=100.0, attention_kind="mse"), "attention"),
+    (LossSpec(attention_weight=100.0, attention_kind="kl"), "attention"),
+], ids=["reverse_kl", "jsd", "top_k", "confidence", "hidden_mse", "attention_mse", "attention_kl"])
+def test_a_few_steps_lower_each_objective(tiny_pair, few_examples, tmp_path, spec, part):
+    from edgedistill.distill.trainer import distill
+
+    teacher, new_student = tiny_pair
+    result = distill(new_student(), teacher, few_examples, short_run(loss=spec), tmp_path, progress=False)
+    early, late = early_and_late(result["loss_parts"][part])
+    assert late < 0.9 * early, result["loss_parts"][part]
+    assert teacher.config._attn_implementation == "sdpa"  # the eager switch for attention maps is undone
+
+
+def test_alpha_schedule_moves_the_loss_to_the_hard_labels(tiny_pair, few_examples, tmp_path):
+    from edgedistill.distill.trainer import distill
+
+    teacher, new_student = tiny_pair
+    spec = LossSpec(alpha_schedule="linear", alpha_end=0.0)
+    result = distill(new_student(), teacher, few_examples, short_run(loss=spec), tmp_path, progress=False)
+    ce, total = result["loss_parts"]["ce"], result["loss_curve"]
+    assert total[-1] == pytest.approx(ce[-1], abs=1e-3)  # alpha = 0 at the last step: CE alone
+    assert total[0] != pytest.approx(ce[0], abs=1e-3)  # alpha = 1 at the first: the soft term alone
+    early, late = early_and_late(ce)
+    assert late < early
+
+
+def test_resume_with_a_hidden_projection_matches_an_uninterrupted_run(tiny_pair, few_examples, tmp_path):
+    """The projections are in the optimizer and the checkpoints: a resumed run ends bit-identical."""
+    from edgedistill.distill.trainer import distill
+
+    teacher, new_student = tiny_pair
+    cfg = short_run(loss=LossSpec(hidden_weight=1.0, attention_weight=1.0), layer_map=[0, 3], checkpoint_every=2)
+    straight = new_student()
+    full = distill(straight, teacher, few_examples, cfg, tmp_path / "a", progress=False)
+    first = distill(new_student(), teacher, few_examples, cfg, tmp_path / "b", progress=False, stop_after=5)
+    assert first["steps"] == 5
+    assert (tmp_path / "b" / "ckpt" / "model_1.safetensors").is_file()  # the projection, beside the student
+    resumed = new_student()
+    second = distill(resumed, teacher, few_examples, cfg, tmp_path / "b", progress=False, resume=True)
+    assert second["resumed_from"] == 4 and second["loss_curve"] == full["loss_curve"]
+    assert second["loss_parts"]["hidden"] == full["loss_parts"]["hidden"]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_layer_map_that_does_not_fit_is_refused(tiny_pair, few_examples, tmp_path):
+    from edgedistill.distill.trainer import distill
+
+    teacher, new_student = tiny_pair
+    with pytest.raises(ValueError, match="layer map"):
+        distill(new_student(), teacher, few_examples, short_run(loss=LossSpec(hidden_weight=1.0), layer_map=[0, 9]),
+                tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_default_loss_section_leaves_the_config_hash_alone():
+    from edgedistill.config import BuildConfig, dump_toml, resolve
+
+    default = resolve({})
+    assert "loss" not in default.model_dump(mode="json")["distill"]  # as before the section existed
+    assert "[distill.loss]" not in dump_toml(default)
+    jsd = resolve({"distill": {"loss": {"objective": "jsd", "jsd_beta": 0.25}}})
+    assert jsd.model_dump(mode="json")["distill"]["loss"] == {"objective": "jsd", "jsd_beta": 0.25}
+    assert jsd.section_hash("distill") != default.section_hash("distill")
+    replayed = BuildConfig.model_validate(__import__("tomllib").loads(dump_toml(jsd).split("\n", 1)[1]))
+    assert replayed == jsd
+
+
+def test_train_config_carries_the_loss_section():
+    from edgedistill.config import resolve
+    from edgedistill.distill.stage import coach_layer_map, train_config
+
+    cfg = resolve({"distill": {"loss": {"objective": "reverse_kl", "hidden_weight": 0.5}}})
+    tc = train_config(cfg.distill, 10, None, 0, [0, 3])
+    assert tc.loss == LossSpec(objective="reverse_kl", hidden_weight=0.5) and tc.layer_map == [0, 3]
+    # after a progressive init the student trains against the assistant: its layers, not the teacher's
+    summary = {"layer_map": [0, 5, 11], "progressive": [{"layer_map": [0, 2, 5, 8, 11]}]}
+    assert coach_layer_map(summary) == [0, 2, 4]
+    assert coach_layer_map({"layer_map": [0, 5, 11], "progressive": []}) == [0, 5, 11]
