@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 from edgedistill.report import (COMPARISON_HTML, COMPARISON_MD, HTML_NAME, JSON_NAME, MD_NAME, comparison_html,
@@ -52,6 +54,63 @@ def drawn_plots(page) -> dict[str, dict]:
     }))""")
 
 
+def png_pixels(png: bytes) -> list[bytes]:
+    """The pixel rows of an 8-bit, non-interlaced RGB or RGBA PNG (what Chromium's screenshots are), as
+    bytes of 4 per pixel (RGB padded). Decoded here because no image library is a test dependency."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        body = png[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, colour, _, _, interlace = header
+    assert depth == 8 and colour in (2, 6) and interlace == 0, header
+    bpp = 3 if colour == 2 else 4
+    raw, stride, rows, prev = zlib.decompress(idat), width * bpp, [], bytearray(width * bpp)
+    for y in range(height):
+        filt, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a, b = line[i - bpp] if i >= bpp else 0, prev[i]
+            c = prev[i - bpp] if i >= bpp else 0
+            if filt == 1:
+                line[i] = (line[i] + a) & 255
+            elif filt == 2:
+                line[i] = (line[i] + b) & 255
+            elif filt == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif filt == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line) if bpp == 4 else b"".join(bytes(line[i:i + 3]) + b"\xff" for i in range(0, stride, 3)))
+        prev = line
+    return rows
+
+
+def ink(png: bytes) -> tuple[float, int]:
+    """What a screenshot shows: the fraction of pixels that are not the page's white, and how many
+    distinct colours there are (axis text alone is one grey; bars add their own colours)."""
+    rows = png_pixels(png)
+    pixels = [row[i:i + 3] for row in rows for i in range(0, len(row), 4)]
+    return sum(p != b"\xff\xff\xff" for p in pixels) / len(pixels), len(set(pixels))
+
+
+def test_png_reader_and_ink_on_a_blank_and_a_drawn_page(browser):
+    page = browser.new_page(viewport={"width": 200, "height": 100})
+    page.set_content("<body style='margin:0;background:#fff'></body>")
+    assert ink(page.screenshot()) == (0.0, 1)
+    page.set_content("<body style='margin:0;background:#fff;display:flex;align-items:flex-start'>"
+                     "<div style='width:50px;height:100px;background:#0a7'></div>"
+                     "<div style='width:20px;height:50px;background:#c22'></div></body>")
+    share, colours = ink(page.screenshot())
+    assert abs(share - (50 * 100 + 20 * 50) / (200 * 100)) < 0.01 and colours == 3
+    page.close()
+
+
 def test_target_report_draws_every_plot_offline(browser, tiny_build, tmp_path):
     out = built(tiny_build)
     for target in TARGETS:
@@ -63,6 +122,9 @@ def test_target_report_draws_every_plot_offline(browser, tiny_build, tmp_path):
             assert drawn, f"{target}: no '{label}' plot"
             for p in drawn:
                 assert p["width"] > 100 and p["height"] > 30 and p["shapes"] >= 2 and p["texts"] >= 2, (label, p)
+            # what is on screen: the plot's own screenshot has bars and text in several colours
+            share, colours = ink(page.locator(f'svg[aria-label="{label}"]').first.screenshot())
+            assert share > 0.02 and colours >= 4, (target, label, share, colours)
         # the per-artifact check plots: one per artifact
         n_artifacts = len(json.loads((out / target / JSON_NAME).read_text())["artifacts"])
         assert sum(key.startswith(PLOTS[0] + "#") for key in plots) == n_artifacts
