@@ -57,6 +57,10 @@ def build(
         None, help="JSD beta in [0, 1]: 0 is forward KL, 1 reverse KL (default 0.5)"),
     hidden_weight: Optional[float] = typer.Option(
         None, help="weight of the hidden-state MSE through learned projections (default 0: off)"),
+    attention_weight: Optional[float] = typer.Option(
+        None, help="weight of the attention-map transfer at mapped layers (default 0: off)"),
+    top_k: Optional[int] = typer.Option(
+        None, help="KD over the teacher's top-k tokens plus one tail bucket (default 0: whole vocabulary)"),
     qat_activations: Optional[bool] = typer.Option(
         None, "--qat-activations/--no-qat-activations",
         help="QAT also models the runtime's int8 rounding of matmul inputs (default on)"),
@@ -91,7 +95,8 @@ def build(
         "plan": {"compression": compression, "student": _student_shape(student), "context": context,
                  "progressive": progressive, "progressive_ratio": progressive_ratio},
         "distill": {"steps": steps, "temperature": temperature, "alpha": alpha, "qat_activations": qat_activations,
-                    "loss": {"objective": loss, "jsd_beta": jsd_beta, "hidden_weight": hidden_weight},
+                    "loss": {"objective": loss, "jsd_beta": jsd_beta, "hidden_weight": hidden_weight,
+                             "attention_weight": attention_weight, "top_k": top_k},
                     "qat_learn_scales": learn_scales},
         "export": {"onnx_block_size": onnx_block_size,
                    "onnx_symmetric": None if onnx_asymmetric is None else not onnx_asymmetric,

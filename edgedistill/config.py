@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from edgedistill.errors import UserError
 from edgedistill.settings_files import check_numbers, parse_toml, parse_yaml, read_settings_text, settings_error
@@ -67,6 +67,18 @@ class LossConfig(_Section):
     attention_kind: Literal["mse", "kl"] = Field("kl", description="attention-map distance")
     confidence_weighting: bool = Field(False, description="weight positions by the teacher's top-token probability")
     top_k: int = Field(0, ge=0, description="0: full vocabulary; k: teacher's top-k tokens plus one tail bucket")
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self):
+        # a setting that the rest of the section switches off would change nothing but the config
+        # hash (so the cached stages): refuse it rather than retrain for nothing
+        idle = [("jsd_beta", self.objective != "jsd", 'objective = "jsd"'),
+                ("alpha_end", self.alpha_schedule == "constant", 'alpha_schedule "linear" or "cosine"'),
+                ("attention_kind", self.attention_weight == 0, "attention_weight > 0")]
+        for name, off, needs in idle:
+            if name in self.model_fields_set and off:
+                raise ValueError(f"{name} only applies with {needs}; set that too, or leave {name} out")
+        return self
 
     @model_serializer(mode="wrap")
     def _without_defaults(self, handler):

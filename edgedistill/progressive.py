@@ -16,7 +16,7 @@ from edgedistill.distill.trainer import distill
 from edgedistill.errors import UserError
 from edgedistill.measure.quality import evaluate, teacher_targets
 from edgedistill.plan import describe
-from edgedistill.prune import cut
+from edgedistill.prune import Lineage, cut
 
 
 def split_steps(total: int, stages: int) -> list[int]:
@@ -33,30 +33,34 @@ def run_chain(teacher, chain: list[dict], *, cfg, calib: list[list[int]], train:
     """Prune and distill through the intermediate shapes of `chain`, largest first.
 
     `cfg` is the build config (its distill section and seed). Returns the last intermediate
-    student (the final stage's teacher), the original-teacher layer each of its layers comes from,
-    and per-stage figures. Every stage is scored against the original teacher, so the figures of
-    all stages compare with each other and with the final student's.
+    student (the final stage's teacher), its Lineage (the original-teacher layer, heads and
+    channels each of its units comes from), and per-stage figures. Every stage is scored against
+    the original teacher, so the figures of all stages compare with each other and with the final
+    student's.
     """
     from edgedistill.distill.stage import train_config  # that module imports this one
 
     targets = teacher_targets(teacher, heldout)
     shares = split_steps(cfg.distill.steps, len(chain) + 1)
-    current, to_teacher, stages = teacher, list(range(teacher.config.num_hidden_layers)), []
+    current, lineage, stages = teacher, Lineage.of_teacher(teacher.config), []
     for i, (shape, steps) in enumerate(zip(chain, shares), 1):
         say(f"  progressive stage {i} of {len(chain) + 1}: prune to {describe(shape)}, distill {steps} steps")
         student, info = cut(current, shape, context, calib)
         # No fake-quant: intermediates are never shipped. A seed per stage gives each stage its own
         # shuffle of the data rather than the same first rows again. The folder name starts with
-        # "ckpt" so the pipeline keeps it for --resume and drops it once the stage is done.
-        result = distill(student, current, train, train_config(cfg.distill, steps, None, cfg.seed + i),
-                         Path(workdir) / f"ckpt-progressive-{i}", resume=resume, progress=progress)
-        to_teacher = [to_teacher[j] for j in info["layer_map"]]
+        # "ckpt" so the pipeline keeps it for --resume and drops it once the stage is done. The cut's
+        # maps speak of `current`, the model this stage trains against: its layers, heads, channels.
+        run_cfg = train_config(cfg.distill, steps, None, cfg.seed + i, info["layer_map"],
+                               head_map=info["head_map"], hidden_channels=info["hidden_channels"])
+        result = distill(student, current, train, run_cfg, Path(workdir) / f"ckpt-progressive-{i}",
+                         resume=resume, progress=progress)
+        lineage = lineage.through(info)
         quality = evaluate(student, targets, heldout)
         stages.append({"shape": shape, "params": sum(p.numel() for p in student.parameters()),
                        "steps": result["steps"], "tokens": result["tokens"], "quality": quality,
-                       "layer_map": to_teacher})
+                       **lineage.record()})
         if quality["tokens"]:
             say(f"    vs the teacher: top-1 agreement {quality['top1_agreement']:.1%}, "
                 f"KL {quality['kl']:.3g}, perplexity {quality['perplexity']:.3g}")
         current = student
-    return current, to_teacher, stages
+    return current, lineage, stages

@@ -147,17 +147,61 @@ def _weight_head_scores(attn, head_dim: int, n_kv: int) -> tuple[Tensor, Tensor]
     return head_score, kv_score
 
 
-def _head_groups(head_score: Tensor, kv_score: Tensor, kv_keep: int, group_keep: int,
-                 head_dim: int) -> tuple[Tensor, Tensor]:
-    """Indices of kept query rows and kv rows; whole kv groups, then the strongest heads inside each."""
+def _head_groups(head_score: Tensor, kv_score: Tensor, kv_keep: int, group_keep: int) -> tuple[list[int], list[int]]:
+    """Kept query heads and kv heads, in student order: whole kv groups, then the strongest heads inside each.
+
+    Student query head i is teacher query head q_heads[i] (not the i-th contiguous group), which is
+    what the attention loss must compare it with: the init stage records q_heads as the head map.
+    """
     group = head_score.numel() // kv_score.numel()
     q_heads, kv_heads = [], []
     for g in _top(kv_score, kv_keep).tolist():
         kv_heads.append(g)
         inner = _top(head_score[g * group:(g + 1) * group], group_keep)
         q_heads.extend((g * group + inner).tolist())
-    rows = lambda heads: torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])  # noqa: E731
-    return rows(q_heads), rows(kv_heads)
+    return q_heads, kv_heads
+
+
+def _rows(heads: list[int], head_dim: int) -> Tensor:
+    """Weight rows of the given heads."""
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+@dataclass
+class Lineage:
+    """Where a model's units come from in the original teacher: per layer the teacher layer, per
+    layer the teacher query head of each head, and the teacher channel of each hidden channel.
+
+    A cut's record (build_student's info) speaks of the model it was cut from; composing it onto
+    that model's lineage (`through`) gives the new model's in teacher terms, across any number of
+    progressive cuts. `relative_to` undoes that for the model a student trains against.
+    """
+
+    layers: list[int]
+    heads: list[list[int]]
+    channels: list[int]
+
+    @classmethod
+    def of_teacher(cls, config) -> "Lineage":
+        n, h = config.num_hidden_layers, config.num_attention_heads
+        return cls(list(range(n)), [list(range(h)) for _ in range(n)], list(range(config.hidden_size)))
+
+    def through(self, info: dict) -> "Lineage":
+        """The lineage of a model cut from this one, whose cut is recorded in `info`."""
+        return Lineage([self.layers[j] for j in info["layer_map"]],
+                       [[self.heads[j][h] for h in heads] for j, heads in zip(info["layer_map"], info["head_map"],
+                                                                               strict=True)],
+                       [self.channels[c] for c in info["hidden_channels"]])
+
+    def record(self) -> dict:
+        return {"layer_map": self.layers, "head_map": self.heads, "hidden_channels": self.channels}
+
+    def relative_to(self, coach: "Lineage") -> dict:
+        """This model's units as units of `coach` (a model it was cut from, both in teacher terms)."""
+        layers = [coach.layers.index(t) for t in self.layers]
+        return {"layer_map": layers,
+                "head_map": [[coach.heads[j].index(t) for t in heads] for j, heads in zip(layers, self.heads)],
+                "hidden_channels": [coach.channels.index(t) for t in self.channels]}
 
 
 def _mlp_neurons(mlp, k: int) -> Tensor:
@@ -182,6 +226,7 @@ def build_student(teacher, student_cfg, importance: Importance | None = None) ->
     student = AutoModelForCausalLM.from_config(student_cfg, dtype=torch.float32)
     s_sd = student.state_dict()
     t_layers = teacher.model.layers
+    head_map = []  # per student layer, the teacher query head of each student head
 
     def put(name: str, value: Tensor) -> None:
         assert s_sd[name].shape == value.shape, (name, s_sd[name].shape, value.shape)
@@ -197,7 +242,9 @@ def build_student(teacher, student_cfg, importance: Importance | None = None) ->
             head_score, kv_score = imp.heads[ti], imp.heads[ti].view(n_kv, -1).sum(1)
         else:
             head_score, kv_score = _weight_head_scores(tl.self_attn, head_dim, n_kv)
-        q_rows, kv_rows = _head_groups(head_score, kv_score, kv_keep, group_keep, head_dim)
+        q_heads, kv_heads = _head_groups(head_score, kv_score, kv_keep, group_keep)
+        head_map.append(q_heads)
+        q_rows, kv_rows = _rows(q_heads, head_dim), _rows(kv_heads, head_dim)
         neurons = (_top(imp.neurons[ti], student_cfg.intermediate_size) if imp
                    else _mlp_neurons(tl.mlp, student_cfg.intermediate_size))
         a, m = tl.self_attn, tl.mlp
@@ -214,7 +261,9 @@ def build_student(teacher, student_cfg, importance: Importance | None = None) ->
     rule = ("activation importance on calibration text: residual channels, GQA groups and heads, MLP neurons; "
             "layers by 1 - cos(input, output), first and last kept") if imp else \
         "evenly spaced layers; weight-norm importance for hidden channels, GQA groups, heads and MLP neurons"
-    return student, {"layer_map": layers, "rule": rule}
+    # the cut, unit by unit, for the distillation losses: layers and heads to compare, and the
+    # channels that start the hidden-state projections
+    return student, {"layer_map": layers, "head_map": head_map, "hidden_channels": hid.tolist(), "rule": rule}
 
 
 def cut(model, shape: dict, context: int, calib: list[list[int]]) -> tuple[torch.nn.Module, dict]:
@@ -247,18 +296,19 @@ def run(ctx) -> dict:
     train = read_jsonl(ctx["data"].path("train_tokens.jsonl"))
     calib = [ex["input_ids"] for ex in train[:n]]
     chain = plan["progressive"]
-    source, source_layers, stages = teacher, list(range(teacher.config.num_hidden_layers)), []
+    source, source_lineage, stages = teacher, Lineage.of_teacher(teacher.config), []
     if chain:
         cfg = ctx.cfg
-        source, source_layers, stages = progressive.run_chain(
+        source, source_lineage, stages = progressive.run_chain(
             teacher, chain, cfg=cfg, calib=calib, context=plan["context"],
             train=train,
             heldout=read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples],
             workdir=ctx.dir, resume=ctx.session.resume, progress=ctx.session.progress, say=ctx.console.print)
         _save(source, tok, ctx.dir / "assistant")
     student, info = cut(source, plan["shape"], plan["context"], calib)
-    # hidden-state losses and the report want layers of the original teacher, not of the assistant
-    info["layer_map"] = [source_layers[i] for i in info["layer_map"]]
+    # the report and the distill stage read the cut in units of the original teacher, not of the
+    # assistant (the distill stage maps them back to the assistant's own: coach_maps)
+    info.update(source_lineage.through(info).record())
     _save(student, tok, ctx.dir / "student")
     return {"params": sum(p.numel() for p in student.parameters()), "calibration_examples": len(calib), **info,
             "progressive": stages}

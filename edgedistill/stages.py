@@ -38,7 +38,7 @@ STAGES: list[Stage] = [
     Stage("plan", plan.run, after={"teacher": "config"}, reads=("plan", "target"), version=2),
     Stage("data", data_stage.run, after={"teacher": None}, reads=("data", "seed"), extra=_prompt_files_identity),
     Stage("init", prune.run, after={"teacher": None, "data": None, "plan": "student"},
-          reads=("plan.calibration_examples",), extra=_progressive_identity, version=2),
+          reads=("plan.calibration_examples",), extra=_progressive_identity, version=3),
     Stage("distill", distill_stage.run, after={"teacher": None, "init": None, "data": None, "plan": "student"},
           reads=("distill", "export", "seed", "eval.max_examples"), version=3),
     Stage("export", export_stage.run, after={"teacher": None, "distill": None, "plan": "export"},

@@ -75,14 +75,14 @@ def test_forward_kl_matches_hand_computation():
     want, soft, ce = hand_loss(kl, tau=2.0, alpha=0.7)
     loss, parts = kd_loss(*batch(), temperature=2.0, alpha=0.7, objective="forward_kl")
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6) and parts["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert parts["soft"].item() == pytest.approx(soft, rel=1e-6) and parts["ce"].item() == pytest.approx(ce, rel=1e-6)
 
 
 def test_reverse_kl_matches_hand_computation():
     want, soft, _ = hand_loss(lambda p, q: kl(q, p), tau=2.0, alpha=0.6)
     loss, parts = kd_loss(*batch(), temperature=2.0, alpha=0.6, objective="reverse_kl")
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6)
+    assert parts["soft"].item() == pytest.approx(soft, rel=1e-6)
 
 
 def test_jsd_matches_hand_computation():
@@ -95,7 +95,7 @@ def test_jsd_matches_hand_computation():
     want, soft, _ = hand_loss(jsd, tau=1.5, alpha=0.8)
     loss, parts = kd_loss(*batch(), temperature=1.5, alpha=0.8, objective="jsd", beta=beta)
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6)
+    assert parts["soft"].item() == pytest.approx(soft, rel=1e-6)
 
 
 def test_jsd_endpoints_are_the_kls_and_its_limits_approach_them():
@@ -118,7 +118,7 @@ def test_divergences_are_zero_only_at_equality():
     for objective in losses.OBJECTIVES:
         _, same = kd_loss(s, s.clone(), mask, labels, temperature=2.0, alpha=1.0, objective=objective)
         _, other = kd_loss(s, t, mask, labels, temperature=2.0, alpha=1.0, objective=objective)
-        assert same["kl"].item() == pytest.approx(0.0, abs=1e-12) and other["kl"].item() > 0
+        assert same["soft"].item() == pytest.approx(0.0, abs=1e-12) and other["soft"].item() > 0
 
 
 @pytest.mark.parametrize("objective", losses.OBJECTIVES)
@@ -182,7 +182,7 @@ def test_confidence_weighting_matches_hand_computation():
     want, soft, _ = hand_loss(kl, tau=tau, alpha=0.7, weights=weights)
     loss, parts = kd_loss(*batch(), temperature=tau, alpha=0.7, confidence_weighting=True)
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert parts["kl"].item() == pytest.approx(soft, rel=1e-6)
+    assert parts["soft"].item() == pytest.approx(soft, rel=1e-6)
 
     # weights that are all equal change nothing
     flat = torch.zeros(1, 3, 3)
@@ -198,7 +198,7 @@ def test_confidence_weights_favour_confident_positions():
     mask, labels = torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
     _, plain = kd_loss(s, t, mask, labels, temperature=1.0, alpha=1.0)
     _, weighted = kd_loss(s, t, mask, labels, temperature=1.0, alpha=1.0, confidence_weighting=True)
-    assert weighted["kl"] > plain["kl"]  # the confident position, which has the larger KL, counts more
+    assert weighted["soft"] > plain["soft"]  # the confident position, which has the larger KL, counts more
 
 
 # ---------------------------------------------------------------- top-k with a tail bucket
@@ -385,10 +385,10 @@ def early_and_late(curve):
 
 
 @pytest.mark.parametrize("spec, part", [
-    (LossSpec(objective="reverse_kl"), "kl"),
-    (LossSpec(objective="jsd", jsd_beta=0.5), "kl"),
-    (LossSpec(top_k=16), "kl"),
-    (LossSpec(confidence_weighting=True), "kl"),
+    (LossSpec(objective="reverse_kl"), "soft"),
+    (LossSpec(objective="jsd", jsd_beta=0.3), "soft"),
+    (LossSpec(top_k=16), "soft"),
+    (LossSpec(confidence_weighting=True), "soft"),
     (LossSpec(hidden_weight=1.0), "hidden"),
     (LossSpec(attention_weight=100.0, attention_kind="mse"), "attention"),
     (LossSpec(attention_weight=100.0, attention_kind="kl"), "attention"),
@@ -467,7 +467,284 @@ def test_train_config_carries_the_loss_section():
     cfg = resolve({"distill": {"loss": {"objective": "reverse_kl", "hidden_weight": 0.5}}})
     tc = train_config(cfg.distill, 10, None, 0, [0, 3])
     assert tc.loss == LossSpec(objective="reverse_kl", hidden_weight=0.5) and tc.layer_map == [0, 3]
+    tc = train_config(cfg.distill, 10, None, 0, [0, 3], head_map=[[1], [0]], hidden_channels=[2, 5])
+    assert tc.head_map == [[1], [0]] and tc.hidden_channels == [2, 5]
     # after a progressive init the student trains against the assistant: its layers, not the teacher's
     summary = {"layer_map": [0, 5, 11], "progressive": [{"layer_map": [0, 2, 5, 8, 11]}]}
     assert coach_layer_map(summary) == [0, 2, 4]
     assert coach_layer_map({"layer_map": [0, 5, 11], "progressive": []}) == [0, 5, 11]
+
+
+# ---------------------------------------------------------------- zero teacher mass, empty buckets
+
+# The teacher gives no mass to token 2 (a -inf logit) at both supervised positions.
+T_ZERO = [[2.0, 0.0, -math.inf], [0.0, 1.0, -math.inf], [0.0, 0.0, 0.0]]
+
+
+def jsd_of(beta):
+    def jsd(p, q):
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    return jsd
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_teacher_without_mass_somewhere_gives_finite_loss_and_gradient(objective):
+    s = torch.tensor([S], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([T_ZERO], dtype=torch.float64)
+    mask, labels = torch.tensor([MASK]), torch.tensor([LABELS])
+    loss, parts = kd_loss(s, t, mask, labels, temperature=1.0, alpha=1.0, objective=objective, beta=0.3)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    # descent takes the student's mass off the token the teacher never produces
+    assert (s.grad[0, :2, 2] > 0).all()
+    p = [softmax(T_ZERO[i][:2]) + [0.0] for i in range(2)]
+    q = [softmax(S[i]) for i in range(2)]
+    if objective == "reverse_kl":  # infinite in exact arithmetic: floored at the smallest normal float
+        floor = -math.log(torch.finfo(torch.float64).tiny)
+        want = sum(kl(q[i][:2], p[i][:2]) + q[i][2] * (math.log(q[i][2]) + floor) for i in range(2)) / 2
+    else:
+        d = kl if objective == "forward_kl" else jsd_of(0.3)
+        want = sum(d(p[i], q[i]) for i in range(2)) / 2
+    assert parts["soft"].item() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_cached_top_k_with_an_empty_teacher_tail_gives_finite_loss_and_gradient(objective):
+    # the teacher's top-2 hold all its mass: the cached tail is log 0 = -inf, the student's is not
+    s, _, mask, labels = batch(torch.float64)
+    s.requires_grad_(True)
+    idx = torch.tensor([[[0, 1]] * 3])
+    top = torch.log(torch.tensor([[[0.7, 0.3]] * 3], dtype=torch.float64))
+    tail = torch.full((1, 3), -math.inf, dtype=torch.float64)
+    loss, parts = kd_loss_top_k(s, idx, top, tail, mask, labels, temperature=1.0, alpha=1.0, objective=objective,
+                                beta=0.3)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert (s.grad[0, :2, 2] > 0).all()  # the tail token's logit goes down
+    if objective != "reverse_kl":
+        d = kl if objective == "forward_kl" else jsd_of(0.3)
+        want = sum(d([0.7, 0.3, 0.0], [(q := softmax(S[i]))[0], q[1], q[2]]) for i in range(2)) / 2
+        assert parts["soft"].item() == pytest.approx(want, rel=1e-9)
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss_top_k(x, idx, top, tail, mask, labels, temperature=1.0, alpha=0.5, objective=objective,
+                                beta=0.3)[0], (s.detach().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+@pytest.mark.parametrize("top_k", [5, 50])
+def test_top_k_at_or_above_the_vocabulary_has_a_finite_gradient(monkeypatch, objective, top_k):
+    # k >= V leaves both tail buckets empty (-inf on both sides): JSD's mixture must not give NaN there
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 2)
+    s, t, mask, labels = random_batch(11, vocab=5)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss(x, t, mask, labels, temperature=1.5, alpha=0.4, objective=objective, beta=0.3,
+                          top_k=top_k)[0], (s,))
+
+
+def test_loss_spec_refuses_out_of_range_values():
+    for bad in (dict(alpha_end=1.5), dict(alpha_end=-0.1), dict(hidden_weight=-1.0), dict(attention_weight=math.nan),
+                dict(top_k=-1), dict(jsd_beta=2.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LossSpec(**bad)
+
+
+# ---------------------------------------------------------------- heads and projections from the cut
+
+
+def test_attention_heads_follow_the_head_map_not_contiguous_groups():
+    g = torch.Generator().manual_seed(12)
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    teacher = torch.randn(1, 4, 3, 3, generator=g).masked_fill(~causal, -math.inf).softmax(-1)
+    # student head 0 was cut from teacher head 3, head 1 from teacher head 1 (as _head_groups keeps them)
+    student = teacher[:, [3, 1]].clone()
+    for kind in losses.ATTENTION_KINDS:
+        assert attention_transfer([student], [teacher], kind, [[3, 1]]).item() == pytest.approx(0.0, abs=1e-7)
+        assert attention_transfer([student], [teacher], kind).item() > 1e-3  # the grouped fallback differs
+    with pytest.raises(ValueError, match="head map"):
+        attention_transfer([student], [teacher], "mse", [[3, 4]])
+
+
+def test_hidden_projection_starts_at_the_cut_channels():
+    channels = [2, 0]
+    proj = HiddenProjection(2, student_hidden=2, teacher_hidden=3, channels=channels)
+    h = torch.tensor([[[5.0, 7.0]]])
+    for out in proj([h, h]):  # student channel j lands on teacher channel channels[j], the rest at 0
+        assert torch.equal(out, torch.tensor([[[7.0, 0.0, 5.0]]]))
+    assert torch.equal(losses.selection_matrix(None, 4, 4), torch.eye(4))  # same width, nothing recorded
+    assert losses.selection_matrix(None, 2, 3) is None
+    random = HiddenProjection(1, 2, 3, seed=3)
+    assert torch.equal(random.layers[0].weight, HiddenProjection(1, 2, 3, seed=3).layers[0].weight)
+    assert not torch.equal(random.layers[0].weight, proj.layers[0].weight)
+    with pytest.raises(ValueError, match="channel selection"):
+        HiddenProjection(1, 2, 3, channels=[0, 3])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator: a test that wants other
+    settings (fp32 instead of the host's bf16) starts from a fresh one and leaves one behind for the next."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_clip_each_clips_models_apart_and_unscales_once(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from edgedistill.distill.trainer import clip_each
+
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    student, projection = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+    student.weight.grad = torch.full((2, 2), 0.25)  # norm 0.5
+    projection.weight.grad = torch.full((2, 2), 50.0)  # norm 100
+    calls = []
+
+    def unscale_once(optimizer=None):  # GradScaler refuses a second unscale_ in one step
+        assert not calls, "gradients unscaled twice"
+        calls.append(1)
+    accelerator.unscale_gradients = unscale_once
+    clip_each(accelerator, [student, projection], 1.0)
+    assert torch.equal(student.weight.grad, torch.full((2, 2), 0.25))  # a joint norm would have scaled it by 1/100
+    assert projection.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert calls == [1] and accelerator.unscale_gradients is unscale_once  # restored
+
+
+# ---------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize("loss, says", [
+    ({"jsd_beta": 0.3}, "jsd_beta only applies"),
+    ({"objective": "reverse_kl", "jsd_beta": 0.3}, "jsd_beta only applies"),
+    ({"alpha_end": 0.2}, "alpha_end only applies"),
+    ({"attention_kind": "mse"}, "attention_kind only applies"),
+    ({"attention_kind": "mse", "attention_weight": 0.0}, "attention_kind only applies"),
+])
+def test_settings_that_change_nothing_are_refused(loss, says):
+    from edgedistill.config import resolve
+    from edgedistill.errors import UserError
+
+    with pytest.raises(UserError, match=says):
+        resolve({"distill": {"loss": loss}})
+
+
+def test_settings_with_what_they_need_are_accepted():
+    from edgedistill.config import resolve
+
+    for loss in ({"objective": "jsd", "jsd_beta": 0.3}, {"alpha_schedule": "cosine", "alpha_end": 0.2},
+                 {"attention_weight": 0.5, "attention_kind": "mse"}):
+        assert resolve({"distill": {"loss": loss}}).model_dump(mode="json")["distill"]["loss"] == loss
+
+
+def test_cli_loss_flags_reach_the_config_and_a_silent_setting_exits_2(monkeypatch, capsys):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from edgedistill import cli
+
+    seen = []
+    monkeypatch.setattr("edgedistill.build.build", lambda cfg, **kw: seen.append(cfg) or 0)
+    res = CliRunner().invoke(cli.app, ["build", "--attention-weight", "0.5", "--top-k", "8", "--loss", "jsd",
+                                       "--jsd-beta", "0.25"])
+    assert res.exit_code == 0, res.output
+    assert seen[0].distill.loss.model_dump() == {"objective": "jsd", "jsd_beta": 0.25, "attention_weight": 0.5,
+                                                 "top_k": 8}
+    monkeypatch.setattr(sys, "argv", ["edgedistill", "build", "--jsd-beta", "0.25"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "jsd_beta only applies" in message and len(message.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- every setting reaches the loss functions
+
+HEAD_MAP = [[3, 2], [1, 0]]  # per student layer, teacher heads not in contiguous-group order
+CHANNELS = list(range(1, 64, 2))  # the student's 32 channels among the teacher's 64
+
+
+def first_batch_parts(teacher, student, examples, cfg, spec, head_maps, channels):
+    """The loss terms of the run's first batch, computed here with the loss functions themselves."""
+    from edgedistill.distill.trainer import _attention_probabilities, pack_rows
+
+    inputs, labels, mask = (x[:cfg.batch_size] for x in pack_rows(examples, cfg.seq_len, cfg.batch_size, cfg.seed))
+    wanted = dict(use_cache=False, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad(), _attention_probabilities([student, teacher], True):
+        s, t = student(input_ids=inputs, **wanted), teacher(input_ids=inputs, **wanted)
+    _, parts = kd_loss(s.logits, t.logits, mask, labels, temperature=cfg.temperature, alpha=cfg.alpha,
+                       objective=spec.objective, beta=spec.jsd_beta, top_k=spec.top_k,
+                       confidence_weighting=spec.confidence_weighting)
+    pairs = list(enumerate(cfg.layer_map))
+    projection = HiddenProjection(len(pairs), 32, 64, seed=cfg.seed, channels=channels)
+    with torch.no_grad():
+        parts["hidden"] = hidden_state_mse(projection([s.hidden_states[i + 1] for i, _ in pairs]),
+                                           [t.hidden_states[j + 1] for _, j in pairs])
+    parts["attention"] = attention_transfer([s.attentions[i] for i, _ in pairs], [t.attentions[j] for _, j in pairs],
+                                            spec.attention_kind, head_maps)
+    return {k: v.item() for k, v in parts.items()}
+
+
+def test_first_step_parts_are_the_loss_functions_on_the_first_batch(tiny_pair, few_examples, tmp_path, monkeypatch,
+                                                                   fresh_accelerate_state):
+    """Every setting reaches the loss functions: the recorded first-step terms equal the functions'
+    values on the same batch with the same settings, and differ from them with any one setting changed."""
+    from edgedistill.distill import trainer
+
+    teacher, new_student = tiny_pair
+    spec = LossSpec(objective="jsd", jsd_beta=0.1, top_k=16, confidence_weighting=True, hidden_weight=1.0,
+                    attention_weight=1.0, attention_kind="mse")
+    cfg = short_run(steps=1, loss=spec, temperature=1.5, alpha=0.8, layer_map=[0, 3], head_map=HEAD_MAP,
+                    hidden_channels=CHANNELS, mixed_precision="no")
+    clipped = []
+    real_clip = trainer.clip_each
+    monkeypatch.setattr(trainer, "clip_each", lambda acc, models, norm: clipped.append(len(models)) or
+                        real_clip(acc, models, norm))
+    recorded = trainer.distill(new_student(), teacher, few_examples, cfg, tmp_path, progress=False)["loss_parts"]
+    assert clipped == [2]  # the student and the projections, each on its own
+    want = first_batch_parts(teacher, new_student(), few_examples, cfg, spec, HEAD_MAP, CHANNELS)
+    for name in ("soft", "ce", "hidden", "attention"):
+        assert recorded[name][0] == pytest.approx(want[name], rel=1e-3), name
+
+    def differs(name, loss=None, head_maps=HEAD_MAP, channels=CHANNELS):
+        changed = LossSpec(**{**spec.__dict__, **(loss or {})})
+        got = first_batch_parts(teacher, new_student(), few_examples, cfg, changed, head_maps, channels)[name]
+        return abs(got - recorded[name][0]) > 0.01 * abs(recorded[name][0])
+
+    assert differs("soft", loss={"jsd_beta": 0.5}) and differs("soft", loss={"objective": "forward_kl"})
+    assert differs("soft", loss={"top_k": 0}) and differs("soft", loss={"confidence_weighting": False})
+    assert differs("attention", head_maps=None)  # grouped heads instead of the cut's
+    assert differs("hidden", channels=None)  # a random projection instead of the cut's channels
+
+
+def test_the_eager_attention_switch_is_undone_when_training_raises(tiny_pair, few_examples, tmp_path, monkeypatch):
+    from edgedistill.distill import trainer
+
+    class Boom(Exception):
+        pass
+
+    def boom(*args, **kwargs):
+        raise Boom
+    monkeypatch.setattr(trainer, "_step_loss", boom)
+    teacher, new_student = tiny_pair
+    student = new_student()
+    before = (teacher.config._attn_implementation, student.config._attn_implementation)
+    with pytest.raises(Boom):
+        trainer.distill(student, teacher, few_examples, short_run(loss=LossSpec(attention_weight=1.0)), tmp_path,
+                        progress=False)
+    assert (teacher.config._attn_implementation, student.config._attn_implementation) == before == ("sdpa", "sdpa")
+
+
+def test_run_identity_leaves_out_maps_no_term_reads(tiny_pair, few_examples):
+    from edgedistill.distill.trainer import _run_identity
+
+    data = (torch.zeros(1, 2, dtype=torch.long),)
+    plain = _run_identity(short_run(), data, 1)["config"]
+    with_maps = _run_identity(short_run(layer_map=[0, 3], head_map=HEAD_MAP, hidden_channels=CHANNELS), data, 1)
+    assert with_maps["config"] == plain and not {"loss", "layer_map", "head_map", "hidden_channels"} & set(plain)
+    attention = _run_identity(short_run(loss=LossSpec(attention_weight=1.0), layer_map=[0, 3], head_map=HEAD_MAP,
+                                        hidden_channels=CHANNELS), data, 1)["config"]
+    assert attention["head_map"] == HEAD_MAP and "hidden_channels" not in attention

@@ -209,3 +209,51 @@ def test_cli_flag_and_config_fields(monkeypatch):
     assert seen[0].plan.progressive_ratio == 2.0 and seen[3].plan.progressive_ratio == 3.0
     with pytest.raises(UserError, match="progressive_ratio"):
         resolve({"plan": {"progressive_ratio": 1.0}})
+
+
+def test_each_intermediate_trains_with_the_maps_of_its_own_cut(tmp_path, tiny_teacher_dir, monkeypatch):
+    """An intermediate is compared with the model it was cut from at the layers, heads and channels it
+    was cut from, not at evenly spaced layers; the stage records compose them into teacher units."""
+    cuts, configs = [], []
+    real_cut = progressive.cut
+
+    def cut(*args):
+        student, info = real_cut(*args)
+        cuts.append(info)
+        return student, info
+
+    def distill(student, teacher, examples, cfg, workdir, **kw):  # what it was asked to do, no training
+        configs.append(cfg)
+        return {"steps": cfg.steps, "tokens": 0}
+    monkeypatch.setattr(progressive, "cut", cut)
+    monkeypatch.setattr(progressive, "distill", distill)
+    init = Build(tmp_path, tiny_teacher_dir, CHAIN).run(INIT)
+    assert len(configs) == len(cuts) == 2
+    for cfg, info in zip(configs, cuts):
+        assert cfg.layer_map == info["layer_map"] and cfg.head_map == info["head_map"]
+        assert cfg.hidden_channels == info["hidden_channels"]
+    first, second = init.summary["progressive"]
+    assert first["head_map"] == cuts[0]["head_map"] and first["hidden_channels"] == cuts[0]["hidden_channels"]
+    assert second["layer_map"] == [cuts[0]["layer_map"][j] for j in cuts[1]["layer_map"]]
+    assert second["head_map"] == [[cuts[0]["head_map"][j][h] for h in heads]
+                                  for j, heads in zip(cuts[1]["layer_map"], cuts[1]["head_map"])]
+    assert second["hidden_channels"] == [cuts[0]["hidden_channels"][c] for c in cuts[1]["hidden_channels"]]
+
+
+def test_distill_maps_are_the_final_cut_in_the_assistants_units(built):
+    """coach_maps undoes the init stage's composition into teacher units: the student's weights are
+    exactly the assistant's at the mapped layers, heads and channels."""
+    _, init, _, _, _ = built
+    maps = distill_stage.coach_maps(init.summary)
+    assert maps["layer_map"] == distill_stage.coach_layer_map(init.summary)
+    student = distill_stage.load_student(init.path("student"))
+    assistant = distill_stage.load_student(init.path("assistant"))
+    hd, hid = 16, maps["hidden_channels"]
+    for i, j in enumerate(maps["layer_map"]):
+        s_q, a_q = student.model.layers[i].self_attn.q_proj.weight, assistant.model.layers[j].self_attn.q_proj.weight
+        for h, a in enumerate(maps["head_map"][i]):
+            assert torch.equal(s_q[h * hd:(h + 1) * hd], a_q[a * hd:(a + 1) * hd][:, hid])
+    # a record from before head and channel maps existed still trains, with the fallbacks
+    old = {k: v for k, v in init.summary.items() if k not in ("head_map", "hidden_channels")}
+    assert distill_stage.coach_maps(old) == {"layer_map": maps["layer_map"], "head_map": None,
+                                             "hidden_channels": None}

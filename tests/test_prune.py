@@ -91,3 +91,37 @@ def test_sliced_baseline_keeps_the_first_units_and_evenly_spaced_layers(tiny_tea
     assert info["layer_map"] == [0, 3]
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, :32])
     assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight[:64, :32])
+
+
+def test_cut_records_the_teacher_head_of_each_student_head_and_the_kept_channels(tiny_teacher_dir):
+    """Student head h of layer i is teacher head head_map[i][h] of layer layer_map[i], restricted to
+    hidden_channels: what the attention loss and the hidden projections start from."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    imp = calibrate(teacher, _calibration(teacher))
+    for h in imp.heads:  # kv group 1 (heads 2, 3) wins, and inside it head 3 ahead of head 2
+        h.copy_(torch.tensor([0.1, 0.2, 0.3, 5.0]))
+    student, info = build_student(teacher, _student_cfg(teacher, layers=2, hidden=32, intermediate=64, heads=2,
+                                                        kv_heads=1), imp)
+    assert info["head_map"] == [[2, 3], [2, 3]]  # not group 0 = heads 0, 1, which grouping by position assumed
+    hid = info["hidden_channels"]
+    assert hid == torch.sort(torch.topk(imp.hidden, 32).indices).values.tolist()
+    hd = teacher.config.head_dim
+    for i, ti in enumerate(info["layer_map"]):
+        s_q, t_q = student.model.layers[i].self_attn.q_proj.weight, teacher.model.layers[ti].self_attn.q_proj.weight
+        for h, th in enumerate(info["head_map"][i]):
+            assert torch.equal(s_q[h * hd:(h + 1) * hd], t_q[th * hd:(th + 1) * hd][:, hid])
+    _, full = build_student(teacher, _student_cfg(teacher))
+    assert full["head_map"] == [[0, 1, 2, 3]] * 4 and full["hidden_channels"] == list(range(64))
+
+
+def test_lineage_composes_cuts_and_undoes_the_composition():
+    from edgedistill.prune import Lineage
+
+    teacher = Lineage([0, 1, 2, 3], [[0, 1, 2, 3]] * 4, list(range(8)))
+    first = {"layer_map": [0, 2, 3], "head_map": [[3, 1], [0, 2], [2, 3]], "hidden_channels": [1, 4, 5, 7]}
+    second = {"layer_map": [0, 2], "head_map": [[1], [0]], "hidden_channels": [3, 0]}
+    assistant = teacher.through(first)
+    student = assistant.through(second)
+    assert student.layers == [0, 3] and student.heads == [[1], [2]] and student.channels == [7, 1]
+    assert student.relative_to(assistant) == second
+    assert assistant.relative_to(teacher) == first

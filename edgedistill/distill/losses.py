@@ -14,7 +14,8 @@ Notation: P is the teacher's next-token distribution, Q the student's, both at t
   optionally over the teacher's top-k tokens plus one tail bucket, and optionally with positions
   weighted by the teacher's confidence;
 - hidden_state_mse: decoder-layer outputs through learned projections W_l in [d_S, d_T];
-- attention_transfer: attention probabilities at mapped layers, MSE or KL, teacher heads grouped.
+- attention_transfer: attention probabilities at mapped layers, MSE or KL, each student head against
+  the teacher head it was cut from (or teacher heads grouped when that is not known).
 
 Vocabulary-sized terms run over chunks of rows under torch.utils.checkpoint, so the [rows, V]
 float32 buffers of one chunk are alive at a time, never all of [B*L, V].
@@ -62,8 +63,12 @@ class LossSpec:
                                (self.attention_kind, ATTENTION_KINDS)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        for name in ("jsd_beta", "alpha_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("hidden_weight", "attention_weight", "top_k"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -80,9 +85,18 @@ def forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * torch.where(log_p > -math.inf, log_p - log_q, 0.0)).sum(-1)
 
 
+def floor_log_probs(log_probs: Tensor) -> Tensor:
+    """log-probabilities raised to at least log(smallest normal float): a zero probability becomes a
+    tiny one. Where P has no mass (a -inf teacher logit, or an empty cached tail) KL(Q || P) is
+    infinite and its gradient NaN; with the floor each such token costs q (log q - log tiny), large
+    and finite, and pushes the student's mass off it. clamp passes no gradient below the floor,
+    which is right for the -inf entries it changes."""
+    return log_probs.clamp_min(math.log(torch.finfo(log_probs.dtype).tiny))
+
+
 def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(Q || P): the student's mass where the teacher has little is what costs."""
-    return forward_kl(log_q, log_p)
+    return forward_kl(log_q, floor_log_probs(log_p))
 
 
 def generalized_jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
@@ -92,7 +106,9 @@ def generalized_jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
         return forward_kl(log_p, log_q)
     if beta == 1.0:
         return reverse_kl(log_p, log_q)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    # floored inputs: where both sides are -inf (an empty tail bucket) logaddexp's gradient is NaN,
+    # which a zero upstream gradient does not cancel; elsewhere the floor changes nothing
+    log_m = torch.logaddexp(floor_log_probs(log_p) + math.log(beta), floor_log_probs(log_q) + math.log1p(-beta))
     return beta * forward_kl(log_p, log_m) + (1.0 - beta) * forward_kl(log_q, log_m)
 
 
@@ -206,7 +222,8 @@ def _mix(sums: Tensor, n: int, student_logits: Tensor, temperature: float, alpha
     if n == 0:
         soft = ce = student_logits.sum() * 0.0
     loss = alpha * temperature**2 * soft + (1.0 - alpha) * ce
-    return loss, {"kl": soft.detach(), "ce": ce.detach()}
+    # "soft": the objective's divergence, whichever it is (forward KL, reverse KL or JSD)
+    return loss, {"soft": soft.detach(), "ce": ce.detach()}
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor, labels: Tensor, *,
@@ -226,7 +243,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
     labels' trust does not depend on the teacher's.
 
     Computation is in float32 (float64 inputs stay float64) whatever the logits' dtype. Returns the
-    loss and the detached components {"kl": D without tau^2, "ce"}.
+    loss and the detached components {"soft": D without tau^2, "ce"}.
     """
     keep = labels_mask.reshape(-1).bool()
     vocab = student_logits.shape[-1]
@@ -283,21 +300,49 @@ def alpha_at(step: int, steps: int, start: float, end: float, schedule: str) -> 
 
 # ---------------------------------------------------------------- hidden states
 
+def selection_matrix(channels: list[int] | None, student_hidden: int, teacher_hidden: int) -> Tensor | None:
+    """The [d_T, d_S] weight (nn.Linear's orientation) that puts student channel j back at the teacher
+    channel it was cut from: W[channels[j], j] = 1. Without a recorded selection, the identity when
+    the widths agree; None when nothing is known.
+
+    The init stage cuts the student's residual stream out of the teacher's, so at the start h_S is
+    close to h_T at those channels: the loss then starts from what the student already shares with
+    the teacher instead of from a random map it must first unlearn.
+    """
+    if channels is None:
+        return torch.eye(teacher_hidden) if student_hidden == teacher_hidden else None
+    if len(channels) != student_hidden or len(set(channels)) != len(channels) or \
+            not all(0 <= c < teacher_hidden for c in channels):
+        raise ValueError(f"hidden channel selection of {len(channels)} channels does not map a width of "
+                         f"{student_hidden} into one of {teacher_hidden}")
+    w = torch.zeros(teacher_hidden, student_hidden)
+    w[torch.tensor(channels), torch.arange(student_hidden)] = 1.0
+    return w
+
+
 class HiddenProjection(torch.nn.Module):
     """The learned W_l: d_S -> d_T (no bias), one per mapped student layer.
 
     A module of its own, beside the student: it trains and is checkpointed with it, but is not part
     of the model that gets exported. Calling it (rather than indexing its layers) lets a DDP wrapper
-    see the forward and synchronize its gradients.
+    see the forward and synchronize its gradients. `channels` (student channel -> teacher channel,
+    the init stage's selection) starts every W_l at that selection (see selection_matrix); random
+    only when no selection is known and the widths differ.
     """
 
-    def __init__(self, n_layers: int, student_hidden: int, teacher_hidden: int, seed: int = 0):
+    def __init__(self, n_layers: int, student_hidden: int, teacher_hidden: int, seed: int = 0,
+                 channels: list[int] | None = None):
         super().__init__()
         # seeded apart from the global RNG, so that adding it leaves the run's other randomness as it was
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.layers = torch.nn.ModuleList(torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
                                               for _ in range(n_layers))
+        start = selection_matrix(channels, student_hidden, teacher_hidden)
+        if start is not None:
+            with torch.no_grad():
+                for w in self.layers:
+                    w.weight.copy_(start)
 
     def forward(self, student_hidden: list[Tensor]) -> list[Tensor]:
         return [w(h.to(w.weight.dtype)) for w, h in zip(self.layers, student_hidden, strict=True)]
@@ -323,31 +368,42 @@ def hidden_state_mse(projected_student: list[Tensor], teacher_hidden: list[Tenso
 
 # ---------------------------------------------------------------- attention maps
 
-def match_heads(teacher_attention: Tensor, student_heads: int) -> tuple[Tensor, bool]:
+def match_heads(teacher_attention: Tensor, student_heads: int,
+                heads: list[int] | None = None) -> tuple[Tensor, bool]:
     """Teacher attention probabilities [B, H_T, L, L] brought to the student's heads.
 
-    When H_T is a multiple of H_S, teacher heads are averaged in H_S contiguous groups (GQA orders
-    query heads by kv group, and pruning keeps whole groups, so a contiguous group is the teacher's
-    nearest counterpart of a student head); otherwise both sides are compared head-averaged. An
-    average of attention rows is still a distribution over keys. Returns the maps and whether the
-    student's maps must be head-averaged too.
+    `heads` (student head -> the teacher head it was cut from, the init stage's head map): the
+    init stage keeps the strongest kv groups and the strongest query heads inside each, so student
+    head i is that one teacher head, and the maps are compared head to head.
+
+    Without it (a student not cut by the init stage), a fallback: when H_T is a multiple of H_S,
+    teacher heads are averaged in H_S contiguous groups (GQA orders query heads by kv group);
+    otherwise both sides are compared head-averaged. An average of attention rows is still a
+    distribution over keys. Returns the maps and whether the student's maps must be head-averaged too.
     """
     b, h_t, lq, lk = teacher_attention.shape
+    if heads is not None:
+        if len(heads) != student_heads or not all(0 <= h < h_t for h in heads):
+            raise ValueError(f"head map {heads} does not map {student_heads} student heads onto {h_t} teacher heads")
+        return teacher_attention[:, list(heads)], False
     if h_t % student_heads == 0:
         return teacher_attention.reshape(b, student_heads, h_t // student_heads, lq, lk).mean(2), False
     return teacher_attention.mean(1, keepdim=True), True
 
 
-def attention_transfer(student_attention: list[Tensor], teacher_attention: list[Tensor], kind: str) -> Tensor:
+def attention_transfer(student_attention: list[Tensor], teacher_attention: list[Tensor], kind: str,
+                       head_maps: list[list[int]] | None = None) -> Tensor:
     """Mean over mapped layer pairs of the distance between attention probabilities [B, H, L, L].
 
     kind="kl": KL(A_T || A_S) of each query row (a distribution over keys), averaged over batch,
     heads and queries. kind="mse": the squared error summed over keys, averaged the same way, so
-    its size does not shrink as rows get longer. Heads are matched by match_heads.
+    its size does not shrink as rows get longer. Heads are matched by match_heads, through
+    head_maps[l] (pair l's student head -> teacher head) when given.
     """
     terms = []
-    for a_s, a_t in zip(student_attention, teacher_attention, strict=True):
-        a_t, average_student = match_heads(_at_least_float32(a_t.detach()), a_s.shape[1])
+    maps = head_maps if head_maps is not None else [None] * len(student_attention)
+    for a_s, a_t, heads in zip(student_attention, teacher_attention, maps, strict=True):
+        a_t, average_student = match_heads(_at_least_float32(a_t.detach()), a_s.shape[1], heads)
         a_s = _at_least_float32(a_s)
         a_s = a_s.mean(1, keepdim=True) if average_student else a_s
         if kind == "kl":

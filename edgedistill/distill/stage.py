@@ -10,6 +10,7 @@ from edgedistill.distill.trainer import TrainConfig, distill
 from edgedistill.formats import FORMATS
 from edgedistill.measure.quality import evaluate, teacher_targets
 from edgedistill.progressive import split_steps
+from edgedistill.prune import Lineage
 
 
 def load_student(folder):
@@ -42,12 +43,16 @@ def qat_spec(cfg, plan_student: dict) -> QuantSpec | None:
                       learn_scales=cfg.distill.qat_learn_scales)
 
 
-def train_config(d, steps: int, qat: QuantSpec | None, seed: int, layer_map: list[int] | None = None) -> TrainConfig:
+def train_config(d, steps: int, qat: QuantSpec | None, seed: int, layer_map: list[int] | None = None, *,
+                 head_map: list[list[int]] | None = None, hidden_channels: list[int] | None = None) -> TrainConfig:
     """The trainer's settings from the build's `distill` section, for a run of `steps` steps;
-    layer_map: student layer -> layer of the model it trains against (None: evenly spaced)."""
+    layer_map: student layer -> layer of the model it trains against (None: evenly spaced);
+    head_map: per student layer, student head -> head of that model (None: heads grouped);
+    hidden_channels: student channel -> channel of that model (None: projections start random)."""
     return TrainConfig(
         steps=steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
-        temperature=d.temperature, alpha=d.alpha, loss=LossSpec(**dict(d.loss)), layer_map=layer_map, qat=qat,
+        temperature=d.temperature, alpha=d.alpha, loss=LossSpec(**dict(d.loss)), layer_map=layer_map,
+        head_map=head_map, hidden_channels=hidden_channels, qat=qat,
         qat_start_step=int(d.qat_start_fraction * steps), checkpoint_every=d.checkpoint_every, seed=seed,
         mixed_precision=d.mixed_precision,
     )
@@ -63,6 +68,25 @@ def coach_layer_map(init_summary: dict) -> list[int] | None:
         return to_teacher
     assistant_to_teacher = chain[-1]["layer_map"]
     return [assistant_to_teacher.index(t) for t in to_teacher]
+
+
+_MAPS = ("layer_map", "head_map", "hidden_channels")
+
+
+def coach_maps(init_summary: dict) -> dict:
+    """The init stage's cut (layer, head and channel maps) in units of the model the distill stage
+    trains against: the teacher's as recorded, or, after a progressive init, the assistant's.
+    A record without head and channel maps (an init from before they were recorded) gives None
+    for them, and the losses fall back to grouped heads and random projections."""
+    maps = {"layer_map": coach_layer_map(init_summary), "head_map": None, "hidden_channels": None}
+    chain = init_summary["progressive"]
+    coach = chain[-1] if chain else None
+    if not all(init_summary.get(k) is not None for k in _MAPS) or \
+            (coach is not None and not all(coach.get(k) is not None for k in _MAPS)):
+        return maps
+    if coach is None:
+        return {k: init_summary[k] for k in _MAPS}
+    return Lineage(*(init_summary[k] for k in _MAPS)).relative_to(Lineage(*(coach[k] for k in _MAPS)))
 
 
 def run(ctx) -> dict:
@@ -84,7 +108,8 @@ def run(ctx) -> dict:
 
     targets = teacher_targets(teacher, heldout)
     quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
-    run_cfg = train_config(d, steps, qat, cfg.seed, coach_layer_map(ctx["init"].summary))
+    maps = coach_maps(ctx["init"].summary)
+    run_cfg = train_config(d, steps, qat, cfg.seed, maps.pop("layer_map"), **maps)
     result = distill(student, coach, train, run_cfg, ctx.dir,
                      resume=ctx.session.resume, progress=ctx.session.progress)
     quality["student"] = evaluate(student, targets, heldout)

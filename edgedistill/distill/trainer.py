@@ -63,6 +63,11 @@ class TrainConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     # student layer i -> the teacher layer it was cut from (the init stage's); None: evenly spaced
     layer_map: list[int] | None = None
+    # student layer i -> per student head, the teacher head (of layer layer_map[i]) it was cut from;
+    # None: the attention loss groups teacher heads instead
+    head_map: list[list[int]] | None = None
+    # student hidden channel j -> the teacher channel it was cut from; starts the hidden projections
+    hidden_channels: list[int] | None = None
     qat: QuantSpec | None = None  # fake-quant of this artifact setting, from qat_start_step on
     qat_start_step: int = 0
     checkpoint_every: int = 50
@@ -156,8 +161,13 @@ def _run_identity(cfg: TrainConfig, data: tuple[torch.Tensor, ...], world: int) 
     # Loss settings that change nothing are left out, so checkpoints from before they existed still match.
     if cfg.loss == LossSpec():
         del fields["loss"]
-    if not _uses_layers(cfg.loss):
-        del fields["layer_map"]
+    # the cut's maps count only where a term reads them (and not at all when absent), so runs that
+    # use neither keep the identity, and the checkpoints, they had before the maps were passed in
+    used = {"layer_map": _uses_layers(cfg.loss), "head_map": cfg.loss.attention_weight > 0,
+            "hidden_channels": cfg.loss.hidden_weight > 0}
+    for name, read in used.items():
+        if not read or fields[name] is None:
+            del fields[name]
     digest = hashlib.sha256()
     for t in data:
         digest.update(t.numpy().tobytes())
@@ -171,6 +181,17 @@ def _layer_pairs(layer_map: list[int] | None, student_layers: int, teacher_layer
         raise ValueError(f"layer map {mapping} does not map {student_layers} student layers onto "
                          f"{teacher_layers} teacher layers")
     return list(enumerate(mapping))
+
+
+def _head_maps(cfg: TrainConfig, pairs: list[tuple[int, int]]) -> list[list[int]] | None:
+    """Per layer pair, student head -> teacher head, from the cut's head map; None without one."""
+    if cfg.head_map is None:
+        return None
+    if cfg.layer_map is None:  # heads of evenly spaced layers are not the heads the map speaks of
+        raise ValueError("a head map needs the layer map of the same cut")
+    if len(cfg.head_map) != len(cfg.layer_map):
+        raise ValueError(f"head map has {len(cfg.head_map)} layers, the layer map {len(cfg.layer_map)}")
+    return [cfg.head_map[i] for i, _ in pairs]
 
 
 @contextmanager
@@ -187,12 +208,33 @@ def _attention_probabilities(models: list[torch.nn.Module], wanted: bool):
             m.set_attn_implementation(implementation)
 
 
-def _trained_parameters(student, projection) -> list[torch.nn.Parameter]:
-    return list(student.parameters()) + (list(projection.parameters()) if projection is not None else [])
+def clip_each(accelerator: Accelerator, models: list[torch.nn.Module], max_norm: float) -> None:
+    """Clip each model's gradient norm to max_norm on its own, through accelerator.clip_grad_norm_.
+
+    One model at a time: under FSDP accelerate then hands each to the wrapped model's own clipping
+    (which knows its shards), and the hidden projections' large early gradients do not scale down
+    the student's, as one joint norm would. Under fp16 loss scaling the first call unscales every
+    optimizer's gradients and GradScaler refuses a second unscale in the same step, so the later
+    calls run with accelerate's unscaling switched off.
+    """
+    accelerator.clip_grad_norm_(list(models[0].parameters()), max_norm)
+    if len(models) == 1:
+        return
+    own = vars(accelerator).get("unscale_gradients")
+    accelerator.unscale_gradients = lambda optimizer=None: None
+    try:
+        for m in models[1:]:
+            accelerator.clip_grad_norm_(list(m.parameters()), max_norm)
+    finally:
+        if own is None:
+            del accelerator.unscale_gradients
+        else:
+            accelerator.unscale_gradients = own
 
 
 def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, alpha: float,
-               projection, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
+               projection, pairs: list[tuple[int, int]], head_maps: list[list[int]] | None = None,
+               ) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch: the logit term, plus the layer terms that have a weight."""
     spec = cfg.loss
     loss, parts = kd_loss(student_out.logits, teacher_out.logits, mask, labels, temperature=cfg.temperature,
@@ -206,7 +248,8 @@ def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tenso
         loss = loss + spec.hidden_weight * parts["hidden"]
     if spec.attention_weight > 0:
         parts["attention"] = attention_transfer([student_out.attentions[i] for i, _ in pairs],
-                                                [teacher_out.attentions[j] for _, j in pairs], spec.attention_kind)
+                                                [teacher_out.attentions[j] for _, j in pairs], spec.attention_kind,
+                                                head_maps)
         loss = loss + spec.attention_weight * parts["attention"]
     return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -333,7 +376,8 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     projection = None
     if spec.hidden_weight > 0:
         projection = HiddenProjection(len(pairs), student.config.hidden_size, teacher.config.hidden_size,
-                                      seed=cfg.seed).to(accelerator.device)
+                                      seed=cfg.seed, channels=cfg.hidden_channels).to(accelerator.device)
+    head_maps = _head_maps(cfg, pairs) if spec.attention_weight > 0 else None
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if projection is not None:
         params += [("projection." + n, p) for n, p in projection.named_parameters()]
@@ -385,10 +429,10 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
                 teacher_out = teacher(input_ids=inputs, **wanted)
             student_out = student(input_ids=inputs, **wanted)
             alpha = alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
-            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs)
+            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(_trained_parameters(student, projection), cfg.grad_clip)
+                clip_each(accelerator, [student] if projection is None else [student, projection], cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -428,5 +472,5 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         "mixed_precision": accelerator.mixed_precision,
         "qat_ran": state["qat"] is not None,  # fake-quant switched on before the run ended
         "loss_curve": curve,
-        "loss_parts": state["part_curves"],  # per step: "kl" (the soft-target divergence), "ce", "hidden", "attention"
+        "loss_parts": state["part_curves"],  # per step: "soft" (the soft-target divergence), "ce", "hidden", "attention"
     }
