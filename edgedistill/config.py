@@ -100,12 +100,22 @@ class DistillConfig(_Section):
     checkpoint_every: int = Field(20, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     loss: LossConfig = Field(default_factory=LossConfig)
+    logit_cache: bool = Field(False, description="read the teacher's top-k (loss.top_k) from a logit cache in "
+                                                 "OUT/.cache/teacher-logits, built once, instead of running it each step")
+
+    @model_validator(mode="after")
+    def _cache_needs_top_k(self):
+        if self.logit_cache and self.loss.top_k == 0:  # the cache holds top-k tokens; refuse rather than ignore
+            raise ValueError("logit_cache holds the teacher's top-k tokens: set loss.top_k > 0 too")
+        return self
 
     @model_serializer(mode="wrap")
     def _without_default_loss(self, handler):
         data = handler(self)
         if not data.get("loss", True):  # all defaults: as if the section did not exist (see LossConfig)
             del data["loss"]
+        if not data.get("logit_cache", True):  # off: the config hash of builds from before the switch
+            del data["logit_cache"]
         return data
 
 

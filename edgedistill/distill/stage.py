@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from edgedistill.data.teacher_answers import read_jsonl
 from edgedistill.distill.qat import QuantSpec, learned_scales
 from edgedistill.distill.quantized import save_learned_scales
@@ -54,7 +58,7 @@ def train_config(d, steps: int, qat: QuantSpec | None, seed: int, layer_map: lis
         temperature=d.temperature, alpha=d.alpha, loss=LossSpec(**dict(d.loss)), layer_map=layer_map,
         head_map=head_map, hidden_channels=hidden_channels, qat=qat,
         qat_start_step=int(d.qat_start_fraction * steps), checkpoint_every=d.checkpoint_every, seed=seed,
-        mixed_precision=d.mixed_precision,
+        mixed_precision=d.mixed_precision, logit_cache=d.logit_cache,
     )
 
 
@@ -89,6 +93,20 @@ def coach_maps(init_summary: dict) -> dict:
     return Lineage(*(init_summary[k] for k in _MAPS)).relative_to(Lineage(*(coach[k] for k in _MAPS)))
 
 
+def logit_cache_dir(cfg) -> Path:
+    """Outside the stage folders (OUT/.stages/<stage>-<key>), which a changed config replaces: the
+    teacher's logits outlive any one build of OUT, for every later build, target and student that
+    trains on the same rows with the same teacher. Shards are keyed by content, so sharing is safe."""
+    return Path(cfg.out) / ".cache" / "teacher-logits"
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What the token ids mean: the vocabulary and its special tokens (a key part of the logit cache)."""
+    vocab = sorted(tok.get_vocab().items())
+    special = sorted(map(str, tok.all_special_tokens))
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
 def run(ctx) -> dict:
     cfg, d = ctx.cfg, ctx.cfg.distill
     teacher, tok = ctx.session.teacher(ctx["teacher"])
@@ -110,8 +128,9 @@ def run(ctx) -> dict:
     quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
     maps = coach_maps(ctx["init"].summary)
     run_cfg = train_config(d, steps, qat, cfg.seed, maps.pop("layer_map"), **maps)
-    result = distill(student, coach, train, run_cfg, ctx.dir,
-                     resume=ctx.session.resume, progress=ctx.session.progress)
+    result = distill(student, coach, train, run_cfg, ctx.dir, resume=ctx.session.resume,
+                     progress=ctx.session.progress, cache_dir=logit_cache_dir(cfg),
+                     cache_extra={"tokenizer": tokenizer_fingerprint(tok)} if d.logit_cache else None)
     quality["student"] = evaluate(student, targets, heldout)
     learned = learned_scales(student, remove=True)
     student.save_pretrained(ctx.dir / "student")

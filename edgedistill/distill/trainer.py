@@ -36,7 +36,9 @@ from edgedistill.distill.losses import (
     attention_transfer,
     hidden_state_mse,
     kd_loss,
+    kd_loss_top_k,
 )
+from edgedistill.distill import logit_cache
 from edgedistill.distill.qat import (
     SCALE,
     QuantSpec,
@@ -74,6 +76,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     mixed_precision: str = "auto"  # "auto" | "no" | "bf16" | "fp16"
+    # read the teacher's top-k (loss.top_k) from a logit cache on disk instead of running it each step
+    logit_cache: bool = False
 
 
 def resolve_precision(requested: str) -> str:
@@ -161,6 +165,8 @@ def _run_identity(cfg: TrainConfig, data: tuple[torch.Tensor, ...], world: int) 
     # Loss settings that change nothing are left out, so checkpoints from before they existed still match.
     if cfg.loss == LossSpec():
         del fields["loss"]
+    if not cfg.logit_cache:  # as before the cache existed
+        del fields["logit_cache"]
     # the cut's maps count only where a term reads them (and not at all when absent), so runs that
     # use neither keep the identity, and the checkpoints, they had before the maps were passed in
     used = {"layer_map": _uses_layers(cfg.loss), "head_map": cfg.loss.attention_weight > 0,
@@ -234,12 +240,17 @@ def clip_each(accelerator: Accelerator, models: list[torch.nn.Module], max_norm:
 
 def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, alpha: float,
                projection, pairs: list[tuple[int, int]], head_maps: list[list[int]] | None = None,
-               ) -> tuple[torch.Tensor, dict]:
-    """The training loss of one batch: the logit term, plus the layer terms that have a weight."""
+               cached: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch: the logit term, plus the layer terms that have a weight.
+    cached: the batch's teacher top-k (ids, log-probs, tail) from the logit cache, used instead of
+    teacher_out's logits."""
     spec = cfg.loss
-    loss, parts = kd_loss(student_out.logits, teacher_out.logits, mask, labels, temperature=cfg.temperature,
-                          alpha=alpha, objective=spec.objective, beta=spec.jsd_beta, top_k=spec.top_k,
-                          confidence_weighting=spec.confidence_weighting)
+    settings = dict(temperature=cfg.temperature, alpha=alpha, objective=spec.objective, beta=spec.jsd_beta,
+                    confidence_weighting=spec.confidence_weighting)
+    if cached is not None:
+        loss, parts = kd_loss_top_k(student_out.logits, *cached, mask, labels, **settings)
+    else:
+        loss, parts = kd_loss(student_out.logits, teacher_out.logits, mask, labels, top_k=spec.top_k, **settings)
     if spec.hidden_weight > 0:
         # hidden_states[0] is the embedding output, so layer i's output is entry i + 1
         student_hidden = [student_out.hidden_states[i + 1] for i, _ in pairs]
@@ -345,27 +356,49 @@ class _StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+def _prepare_cache(accelerator: Accelerator, teacher, input_ids: torch.Tensor, cfg: TrainConfig, root: Path,
+                   extra: dict | None):
+    """The run's logit cache, teacher pass done where shards are missing (in parallel across processes)."""
+    return logit_cache.prepare(
+        teacher, input_ids, root, k=cfg.loss.top_k, temperature=cfg.temperature,
+        precision=accelerator.mixed_precision, batch_size=cfg.batch_size, autocast=accelerator.autocast,
+        rank=accelerator.process_index, processes=accelerator.num_processes, wait=accelerator.wait_for_everyone,
+        extra=extra)
+
+
 def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: Path, *, resume: bool = False,
-            progress: bool = True, stop_after: int | None = None) -> dict:
+            progress: bool = True, stop_after: int | None = None, cache_dir: Path | None = None,
+            cache_extra: dict | None = None) -> dict:
     """Train `student` to match `teacher` on `examples`; returns the run's figures.
 
     resume=True continues from workdir/ckpt when it belongs to the same run (config and data);
     otherwise training starts over. stop_after=N stops after step N as if the process had been
     killed there (for tests). The student is left in eval mode with plain float weights.
+
+    cfg.logit_cache: the teacher's top-k comes from a logit cache under cache_dir (default
+    workdir/logit-cache), built first where missing; cache_extra is more identity for its key (the
+    tokenizer). The teacher then runs only when a hidden-state or attention term needs its layers.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.logit_cache and cfg.loss.top_k <= 0:
+        raise ValueError("a logit cache holds the teacher's top-k tokens: it needs loss.top_k > 0")
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision))
     set_seed(cfg.seed)
 
-    # ---- data: every row the run will see, in order; processes take alternate batches
+    # ---- data: every row the run will see, in order; processes take alternate batches. Each batch
+    # carries its rows' indices, which name the cached rows: the same under resume and under DDP.
     rows = cfg.steps * cfg.batch_size * accelerator.num_processes
     data = pack_rows(examples, cfg.seq_len, rows, cfg.seed)
-    loader = DataLoader(TensorDataset(*data), batch_size=cfg.batch_size, shuffle=False)
+    loader = DataLoader(TensorDataset(*data, torch.arange(rows)), batch_size=cfg.batch_size, shuffle=False)
     identity = _run_identity(cfg, data, accelerator.num_processes)
 
     # ---- models and optimizer; norms and biases are not weight-decayed
     teacher.eval().requires_grad_(False).to(accelerator.device)
+    cache, cache_figures = None, None
+    if cfg.logit_cache:  # before the student trains: the teacher pass is paid once, and its time apart
+        cache, cache_figures = _prepare_cache(accelerator, teacher, data[0], cfg,
+                                              Path(cache_dir) if cache_dir else workdir / "logit-cache", cache_extra)
     student.train()
     if cfg.qat and cfg.qat.learn_scales:
         init_learned_scales(student, cfg.qat)  # in the optimizer and the checkpoints from the start
@@ -412,6 +445,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     # only the models' own outputs that a loss term reads are asked for
     wanted = {"use_cache": False, "output_hidden_states": spec.hidden_weight > 0,
               "output_attentions": spec.attention_weight > 0}
+    teacher_runs = cache is None or _uses_layers(spec)
     with bar, _StopRequest() as stop, _attention_probabilities([model, teacher], spec.attention_weight > 0):
         task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
         for step in range(state["step"], last):
@@ -424,12 +458,16 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            inputs, labels, mask = next(batches)
-            with torch.inference_mode(), accelerator.autocast():
-                teacher_out = teacher(input_ids=inputs, **wanted)
+            inputs, labels, mask, row_index = next(batches)
+            teacher_out = None
+            if teacher_runs:
+                with torch.inference_mode(), accelerator.autocast():
+                    teacher_out = teacher(input_ids=inputs, **wanted)
+            cached = None if cache is None else tuple(t.to(inputs.device) for t in cache.rows(row_index.cpu()))
             student_out = student(input_ids=inputs, **wanted)
             alpha = alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
-            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps)
+            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps,
+                                     cached)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 clip_each(accelerator, [student] if projection is None else [student, projection], cfg.grad_clip)
@@ -462,7 +500,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     model.eval()
     accelerator.wait_for_everyone()
     curve = state["loss_curve"]
-    return {
+    result = {
         "steps": state["step"],
         "resumed_from": resumed_from,
         "tokens": state["tokens"],
@@ -474,3 +512,6 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         "loss_curve": curve,
         "loss_parts": state["part_curves"],  # per step: "soft" (the soft-target divergence), "ce", "hidden", "attention"
     }
+    if cache_figures is not None:  # only with the cache on, so other runs' summaries stay as they were
+        result["logit_cache"] = cache_figures
+    return result

@@ -14,7 +14,11 @@ const WASM = { default: "./vendor/wllama/wasm/wllama.wasm" };
 const MAX_CONTEXT = 4096;
 
 const query = new URLSearchParams(location.search);
-const option = (name, fallback) => (query.has(name) ? Number(query.get(name)) : fallback);
+// a number from the query string; one that is missing or not a number keeps the default
+const option = (name, fallback) => {
+  const value = Number(query.get(name) ?? NaN);
+  return query.has(name) && Number.isFinite(value) ? value : fallback;
+};
 const sampling = {
   temperature: option("temperature", 0.7),
   max_tokens: option("max_tokens", 256),
