@@ -228,11 +228,15 @@ def test_a_rerun_passes_and_a_slowed_environment_is_caught(artifact, tmp_path):
                   "new median [min-max]", "change", "verdict", "machine: ", "threads 1", "rule: ", "no regression"):
         assert label in out, out
 
-    # the same artifact, protocol and options under a quarter-CPU quota: exit 1, decode flagged
+    # the same artifact, protocol and options under a quarter-CPU quota: exit 1, its speed flagged. Which
+    # speed figures: each one the quota moved out of the baseline's range. A baseline run stalled by
+    # another job on this shared host widens one figure's range (seen once in CI: decode min 475 tok/s
+    # beside a median of 3060), and the rule then rightly leaves that figure alone; the others catch it.
     code, err, out = _bench(artifact, tmp_path, *protocol, "--repeats", "2", "--baseline", base_file, quota=True)
     [c] = out["comparison"]
-    assert code == 1 and "decode_tok_s" in c["regressed"], _table(c)
-    assert err.startswith("regression: tiny-q8_0.gguf:") and "decode" in err
+    flagged = {"decode_tok_s", "prefill_tok_s", "ttft_ms"} & set(c["regressed"])
+    assert code == 1 and flagged, _table(c)
+    assert err.startswith("regression: tiny-q8_0.gguf:")
     assert c["notes"] == ["repeats 5 -> 2"]  # nothing else differs: same machine, threads, versions
 
     # a baseline of another artifact: measured and shown, but no verdict (exit 2, one line)
