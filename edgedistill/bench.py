@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -106,10 +105,10 @@ PER_RUN = ("ttft_ms", "prefill_tok_s", "decode_tok_s")
 
 
 def summarize(samples: list) -> dict | None:
-    vals = [float(v) for v in samples if v is not None]
-    if not vals:
-        return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+    """sample_stats of the samples as floats (a saved baseline's JSON may hold integers)."""
+    from edgedistill.measure.profile import sample_stats
+
+    return sample_stats([None if v is None else float(v) for v in samples])
 
 
 def compare_samples(baseline: list, new: list, better: str, tolerance: float) -> dict:
@@ -491,7 +490,7 @@ def print_result(result: dict, out, err) -> None:
                 continue
             mc = c["metrics"][m.key]
             change = "-" if mc["change_pct"] is None else f"{mc['change_pct']:+.1f}%"
-            verdict = mc["verdict"] if mc["verdict"] != "not comparable" else "not comparable"
+            verdict = mc["verdict"]
             style = _STYLE.get(verdict, "")
             table.add_row(label, _cell(mc["baseline"]), _cell(mc["new"]), change,
                           f"[{style}]{escape(verdict)}[/{style}]" if style else escape(verdict))

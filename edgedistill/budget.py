@@ -102,7 +102,7 @@ MODELS_OF_CHECK = {
 }
 
 
-def apply_host_trust(checks: list[dict], validation: dict | None, *, strict: bool) -> list[dict]:
+def apply_host_trust(checks: list[dict], validation: dict, *, strict: bool) -> list[dict]:
     """Copies of `checks` marked with the host error of the model behind each projected figure.
 
     A projected check gains `trusted` (True/False) and `host_error_pct` (the worst of its models).
@@ -113,7 +113,7 @@ def apply_host_trust(checks: list[dict], validation: dict | None, *, strict: boo
     for c in checks:
         c = dict(c)
         models = MODELS_OF_CHECK.get(c["name"]) if c.get("basis") == "projected" else None
-        if models and validation is not None:
+        if models:
             errors = {m: validation["error_pct"].get(m) for m in models}
             trusted = all(validation["trusted"].get(m) for m in models)
             known = [e for e in errors.values() if e is not None]
@@ -159,7 +159,7 @@ def run(ctx) -> dict:
     kvt = projection.kv_bytes_per_token(s["layers"], s["kv_heads"], s["head_dim"])
     profiled = ctx["profile"].summary
     calibration = profiled["calibration"]
-    results, validations = {}, {}
+    results = {}
     for fmt, art in ctx["export"].summary["artifacts"].items():
         # The whole artifact (weights, scales, tokenizer) is what is read and held: a conservative weight size.
         proj = projection.project(ctx.target, weight_bytes=art["bytes"], params=plan["params"],
@@ -170,7 +170,7 @@ def run(ctx) -> dict:
         validation = projection.validate_on_host(on_host, measured, calibration=calibration, target=ctx.target)
         checks = check_artifact(ctx.target, artifact_bytes=art["bytes"], projected=proj, footprint=proj["footprint"])
         checks = apply_host_trust(checks, validation, strict=ctx.cfg.strict)
-        validations[fmt] = validation
         results[fmt] = {"projected": proj, "host_validation": validation, "checks": checks, "ok": all_ok(checks)}
     return {"artifacts": results, "ok": all(r["ok"] for r in results.values()), "strict": ctx.cfg.strict,
-            "calibration": {"host": calibration, **projection.trust_summary(validations)}}
+            "calibration": {"host": calibration,
+                            **projection.trust_summary({f: r["host_validation"] for f, r in results.items()})}}

@@ -47,6 +47,15 @@ class DataConfig(_Section):
     max_len: int = Field(320, gt=16)
 
 
+def _without_defaults(model: BaseModel, data: dict, names) -> dict:
+    """`data` (the model's dump) less the named fields that hold their defaults: a setting added
+    after builds were made, left at its default, leaves their dumped config (so the config hash and
+    the cached stages) as it was."""
+    fields = type(model).model_fields
+    return {k: v for k, v in data.items()
+            if k not in names or getattr(model, k) != fields[k].get_default(call_default_factory=True)}
+
+
 class LossConfig(_Section):
     """distill.loss: the training objective's terms (distill/losses.py defines each one).
 
@@ -81,8 +90,8 @@ class LossConfig(_Section):
         return self
 
     @model_serializer(mode="wrap")
-    def _without_defaults(self, handler):
-        return {k: v for k, v in handler(self).items() if v != type(self).model_fields[k].default}
+    def _dump(self, handler):
+        return _without_defaults(self, handler(self), type(self).model_fields)
 
 
 class DistillConfig(_Section):
@@ -110,13 +119,9 @@ class DistillConfig(_Section):
         return self
 
     @model_serializer(mode="wrap")
-    def _without_default_loss(self, handler):
-        data = handler(self)
-        if not data.get("loss", True):  # all defaults: as if the section did not exist (see LossConfig)
-            del data["loss"]
-        if not data.get("logit_cache", True):  # off: the config hash of builds from before the switch
-            del data["logit_cache"]
-        return data
+    def _dump(self, handler):
+        # all loss settings at their defaults, and the cache off: as if neither existed
+        return _without_defaults(self, handler(self), ("loss", "logit_cache"))
 
 
 class ExportConfig(_Section):

@@ -63,6 +63,7 @@ class Session:
     resume: bool = False
     progress: bool = True
     _teacher: Optional[tuple] = None
+    _teacher_targets: dict = field(default_factory=dict)
     _stage_cache: dict = field(default_factory=dict)
 
     def teacher(self, record: Record):
@@ -72,6 +73,17 @@ class Session:
 
             self._teacher = load_snapshot(record.path("teacher"))
         return self._teacher
+
+    def teacher_targets(self, record: Record, examples: list[dict]) -> list[dict]:
+        """measure.quality.teacher_targets on these examples, computed once per build: the distill
+        stage scores the students and the profile stage every target's artifacts on the same held-out
+        examples, and the teacher pass is the costly part."""
+        from edgedistill.measure.quality import teacher_targets
+
+        key = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
+        if key not in self._teacher_targets:
+            self._teacher_targets[key] = teacher_targets(self.teacher(record)[0], examples)
+        return self._teacher_targets[key]
 
 
 @dataclass

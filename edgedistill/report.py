@@ -284,8 +284,7 @@ def _check_row(c: dict) -> list[str]:
     op = _OP_SIGNS.get(c.get("op"), c.get("op") or "")
     return [_CHECK_TITLES.get(c.get("name"), str(c.get("name"))) + f" (`{c.get('name')}`)",
             _f(c.get("value"), unit), f"{op} {_f(c.get('limit'), unit)}".strip(),
-            fmt_pct(_num(c.get("margin_pct"))) if _num(c.get("margin_pct")) is not None else "n/a",
-            str(c.get("basis") or "n/a"), "ok" if c.get("ok") else "FAIL"]
+            fmt_pct(_num(c.get("margin_pct"))), str(c.get("basis") or "n/a"), "ok" if c.get("ok") else "FAIL"]
 
 
 def _host_rows(h: dict) -> list[list[str]]:
@@ -353,23 +352,32 @@ def _energy_rows(en: dict) -> list[list[str]]:
 _MODEL_LABELS = {"decode": "Decode", "prefill": "Prefill"}
 
 
-def _validation_rows(artifacts: list[dict]) -> list[list[str]]:
-    """Per artifact and speed model: measured on the host, predicted by the model on the host, signed error."""
-    rows = []
+def _host_checks(artifacts: list[dict]):
+    """(artifact, model label, figures) per artifact with a host check and speed model: one model's
+    measured and predicted tok/s, signed error, verdict and efficiencies, out of its host_validation."""
     for a in artifacts:
         v = a["host_validation"]
         if not v:
             continue
         for m, label in _MODEL_LABELS.items():
-            err = _num((v.get("error_pct") or {}).get(m))
-            trusted = (v.get("trusted") or {}).get(m)
-            rows.append([a["file"], label, _f((v.get("measured") or {}).get(f"{m}_tok_s"), "tok/s"),
-                         _f((v.get("predicted") or {}).get(f"{m}_tok_s"), "tok/s"),
-                         "n/a" if err is None else fmt_pct(err),
-                         f"{fmt_num(_num((v.get('assumed_efficiency') or {}).get(m)))} / "
-                         f"{fmt_num(_num((v.get('implied_efficiency') or {}).get(m)))}",
-                         "yes" if trusted else "NO"])
-    return rows
+            yield a, label, {"measured": (v.get("measured") or {}).get(f"{m}_tok_s"),
+                             "predicted": (v.get("predicted") or {}).get(f"{m}_tok_s"),
+                             "error": _num((v.get("error_pct") or {}).get(m)),
+                             "trusted": bool((v.get("trusted") or {}).get(m)),
+                             "assumed": _num((v.get("assumed_efficiency") or {}).get(m)),
+                             "implied": _num((v.get("implied_efficiency") or {}).get(m))}
+
+
+def _validation_rows(artifacts: list[dict]) -> list[list[str]]:
+    """Per artifact and speed model: measured on the host, predicted by the model on the host, signed error."""
+    return [[a["file"], label, _f(x["measured"], "tok/s"), _f(x["predicted"], "tok/s"), fmt_pct(x["error"]),
+             f"{fmt_num(x['assumed'])} / {fmt_num(x['implied'])}", "yes" if x["trusted"] else "NO"]
+            for a, label, x in _host_checks(artifacts)]
+
+
+def _validation_basis(artifacts: list[dict]) -> str | None:
+    """How the model was run on the host: the first artifact's account (every artifact's says the same)."""
+    return next((a["host_validation"]["basis"] for a in artifacts if a["host_validation"].get("basis")), None)
 
 
 _VALIDATION_HEADERS = ["Artifact", "Model", "Measured on host", "Projected for host", "Error", "Efficiency assumed / implied",
@@ -533,7 +541,7 @@ def _md_calibration(r: dict) -> list[str]:
             lines += [f"_How:_ {c['host']['basis']}", ""]
     if vrows:
         lines += [_md_table(_VALIDATION_HEADERS, vrows), ""]
-        basis = next((a["host_validation"].get("basis") for a in r["artifacts"] if a["host_validation"].get("basis")), None)
+        basis = _validation_basis(r["artifacts"])
         if basis:
             lines += [f"_Model on the host:_ {basis}", ""]
     return lines
@@ -786,14 +794,10 @@ def _svg_quality(cols: list[tuple[str, dict]]) -> str:
 def _svg_validation(artifacts: list[dict], bound_pct: float | None) -> str:
     """Per artifact and speed model: measured (solid) and projected-for-host (outlined) tok/s, and the error."""
     rows = []
-    for a in artifacts:
-        v = a["host_validation"]
-        for m, label in _MODEL_LABELS.items():
-            meas = _num((v.get("measured") or {}).get(f"{m}_tok_s"))
-            pred = _num((v.get("predicted") or {}).get(f"{m}_tok_s"))
-            if meas is not None or pred is not None:
-                rows.append((f"{a['file']} {label.lower()}", meas, pred, _num((v.get("error_pct") or {}).get(m)),
-                             bool((v.get("trusted") or {}).get(m))))
+    for a, label, x in _host_checks(artifacts):
+        meas, pred = _num(x["measured"]), _num(x["predicted"])
+        if meas is not None or pred is not None:
+            rows.append((f"{a['file']} {label.lower()}", meas, pred, x["error"], x["trusted"]))
     if not rows:
         return ""
     row_h, x0, x1, w = 34, 200, 520, 820
@@ -815,7 +819,7 @@ def _svg_validation(artifacts: list[dict], bound_pct: float | None) -> str:
                          f'fill="none" stroke="#0969da" stroke-width="2"><title>projected {_e(_f(pred, "tok/s"))}'
                          f'</title></rect>')
         color = _GREEN if ok else _RED
-        text = "n/a" if err is None else fmt_pct(err)
+        text = fmt_pct(err)
         if not ok and bound_pct:
             text += f" (outside \u00b1{fmt_num(bound_pct)}%)"
         parts.append(f'<text x="{x1 + 10}" y="{y + 13}" font-size="12" fill="{color}">{_e(text)}</text>')
@@ -839,7 +843,7 @@ def _html_calibration(r: dict) -> list[str]:
             body.append(f'<p class="basis">How: {_e(c["host"]["basis"])}</p>')
     if vrows:
         body += [_svg_validation(r["artifacts"], _num(c.get("bound_pct"))), _html_table(_VALIDATION_HEADERS, vrows)]
-        basis = next((a["host_validation"].get("basis") for a in r["artifacts"] if a["host_validation"].get("basis")), None)
+        basis = _validation_basis(r["artifacts"])
         if basis:
             body.append(f'<p class="basis">Model on the host: {_e(basis)}</p>')
     return body
@@ -939,10 +943,13 @@ def to_html(report: dict) -> str:
 
 
 def _tightest(report: dict) -> dict[str, dict]:
-    """Per check name, the check with the least margin over the target's artifacts (failed ones first)."""
+    """Per budget check name, the check with the least margin over the target's artifacts (failed ones
+    first); the parity checks, which no target changes, are left out."""
     out: dict[str, dict] = {}
     for a in report["artifacts"]:
         for c in a["checks"]:
+            if str(c.get("name")).startswith("parity_"):
+                continue
             m = _num(c.get("margin_pct"))
             key = (bool(c.get("ok")), m if m is not None else -math.inf)
             prev = out.get(c.get("name"))
@@ -954,15 +961,10 @@ def _tightest(report: dict) -> dict[str, dict]:
 def _comparison_rows(reports: list[dict]) -> list[list[str]]:
     rows = []
     for r in reports:
-        tight = _tightest(r)
         cal = r["calibration"]
-        for name, c in tight.items():
-            if str(name).startswith("parity_"):
-                continue
-            rows.append([r["target"], _CHECK_TITLES.get(name, str(name)), c["file"], _f(c.get("value"), c.get("unit") or ""),
-                         f"{_OP_SIGNS.get(c.get('op'), c.get('op') or '')} {_f(c.get('limit'), c.get('unit') or '')}",
-                         fmt_pct(_num(c.get("margin_pct"))) if _num(c.get("margin_pct")) is not None else "n/a",
-                         str(c.get("basis") or "n/a"), "ok" if c.get("ok") else "FAIL"])
+        for name, c in _tightest(r).items():
+            # value, limit, margin, basis and result as the target's own report shows them
+            rows.append([r["target"], _CHECK_TITLES.get(name, str(name)), c["file"], *_check_row(c)[1:]])
         rows.append([r["target"], "Verdict", "", _verdict(r["ok"]), "", "", "",
                      "model trusted" if cal.get("trusted") else ("model NOT trusted" if cal else "")])
     return rows
@@ -985,9 +987,10 @@ def comparison_markdown(reports: list[dict]) -> str:
 
 def _svg_comparison(rs: list[dict]) -> str:
     """Margin of the tightest artifact per check, one bar per target, around the budget line (0%)."""
+    tights = [_tightest(r) for r in rs]
     names = []
-    for r in rs:
-        names += [n for n in _tightest(r) if n not in names and not str(n).startswith("parity_")]
+    for t in tights:
+        names += [n for n in t if n not in names]
     if not names:
         return ""
     colors = [_ARTIFACT_COLORS[i % len(_ARTIFACT_COLORS)] for i in range(len(rs))]
@@ -1006,8 +1009,8 @@ def _svg_comparison(rs: list[dict]) -> str:
     for gi, name in enumerate(names):
         gy = 30 + gi * group_h
         parts.append(f'<text x="0" y="{gy + group_h / 2}" font-size="12">{_e(_CHECK_TITLES.get(name, str(name)))}</text>')
-        for ti, (r, color) in enumerate(zip(rs, colors)):
-            c = _tightest(r).get(name)
+        for ti, (r, t, color) in enumerate(zip(rs, tights, colors)):
+            c = t.get(name)
             y = gy + ti * bar_h
             if c is None:
                 continue
@@ -1020,7 +1023,7 @@ def _svg_comparison(rs: list[dict]) -> str:
                          f'<title>{_e(c.get("message") or "")}</title></rect>')
             parts.append(f'<text x="{x1 + 8}" y="{y + bar_h - 3}" font-size="10" '
                          f'fill="{_GREEN if c.get("ok") else _RED}">{_e(r["target"])} '
-                         f'{_e(fmt_pct(m) if m is not None else "n/a")}</text>')
+                         f'{_e(fmt_pct(m))}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

@@ -293,8 +293,8 @@ def test_optimum_ort_model(ref, folder, tmp_path):
     # optimum-onnx 0.1.0 (the newest) requires transformers<4.58 and fails to import with transformers 5
     # (ImportError: cannot import name 'get_parameter_dtype'), so it runs in its own environment
     # (tests/optimum-env.txt; .ci/run makes it) and loads the folder as it is, as a user of optimum would.
-    require(OPTIMUM_PYTHON.exists(), f"optimum's environment is missing: python3 -m venv .venv-optimum && "
-                                     f".venv-optimum/bin/pip install -r tests/optimum-env.txt")
+    require(OPTIMUM_PYTHON.exists(), "optimum's environment is missing: python3 -m venv .venv-optimum && "
+                                     ".venv-optimum/bin/pip install -r tests/optimum-env.txt")
     got, logits = optimum_generate(ref.folder / folder, ref.prompt, N, tmp_path / "reply.npz")
     _assert_same_reply(ref, ref.model(folder), got, logits)
 

@@ -40,13 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from edgedistill import atomic
-from edgedistill.distill.losses import CHUNK_ROWS, teacher_top_k
+from edgedistill.distill.losses import teacher_buckets
 
 FORMAT_VERSION = 1
 SHARD_ROWS = 64  # rows per shard: a few MB at k = 64, L = 256
@@ -95,16 +94,10 @@ def shard_ranges(rows: int, shard_rows: int) -> list[tuple[int, int]]:
 
 def top_k_buckets(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """[rows, V] teacher logits -> top-k ids [rows, k] int32, their log-probabilities [rows, k] and the
-    tail log-mass [rows], at `temperature`: the very operations kd_loss(top_k=k) does online, so the
-    cached loss matches it."""
-    ids, top, tail = [], [], []
-    for i in range(0, logits.shape[0], CHUNK_ROWS):
-        log_p = F.log_softmax(logits[i:i + CHUNK_ROWS].float() / temperature, dim=-1)
-        index, buckets = teacher_top_k(log_p, k)
-        ids.append(index.to(torch.int32))
-        top.append(buckets[:, :-1].to(VALUE_DTYPE))
-        tail.append(buckets[:, -1].to(VALUE_DTYPE))
-    return torch.cat(ids), torch.cat(top), torch.cat(tail)
+    tail log-mass [rows], at `temperature`: losses.teacher_buckets, what kd_loss(top_k=k) computes
+    online, so the cached loss matches it."""
+    index, buckets = teacher_buckets(logits, k, temperature, torch.float32)
+    return index.to(torch.int32), buckets[:, :-1].to(VALUE_DTYPE), buckets[:, -1].to(VALUE_DTYPE)
 
 
 def run_teacher(teacher, input_ids: Tensor, *, k: int, temperature: float, batch_size: int,

@@ -153,6 +153,21 @@ def teacher_top_k(log_p: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top_indices, collapse_to_buckets(log_p, top_indices)
 
 
+@torch.no_grad()
+def teacher_buckets(teacher_logits: Tensor, k: int, temperature: float,
+                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """[rows, V] teacher logits -> its top-k ids [rows, k] and bucketed log-probabilities [rows, k + 1]
+    at `temperature`, computed in `dtype` a chunk of rows at a time: what kd_loss(top_k=k) compares
+    the student with, and what the logit cache stores."""
+    ids, buckets = [], []
+    for i in range(0, teacher_logits.shape[0], CHUNK_ROWS):
+        log_p = F.log_softmax(teacher_logits[i:i + CHUNK_ROWS].to(dtype) / temperature, dim=-1)
+        index, bucketed = teacher_top_k(log_p, k)
+        ids.append(index)
+        buckets.append(bucketed)
+    return torch.cat(ids), torch.cat(buckets)
+
+
 # ---------------------------------------------------------------- confidence weights
 
 def normalized_confidence(teacher_confidence: Tensor) -> Tensor:
@@ -179,23 +194,19 @@ def teacher_max_probability(teacher_logits: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the logit loss
 
 def _chunk_sums(s: Tensor, t: Tensor, top_indices: Tensor | None, y: Tensor, weights: Tensor | None,
-                temperature: float, objective: str, beta: float, top_k: int) -> Tensor:
+                temperature: float, objective: str, beta: float) -> Tensor:
     """Summed (weighted) soft-target divergence and summed CE over the rows of one chunk.
 
     t holds teacher logits [rows, V], or, with top_indices given, the teacher's bucketed
-    log-probabilities [rows, k + 1] (from a logit cache).
+    log-probabilities [rows, k + 1] (teacher_buckets, or a logit cache).
     """
     dtype = torch.promote_types(s.dtype, torch.float32)
     s = s.to(dtype)
     log_q = F.log_softmax(s / temperature, dim=-1)
     if top_indices is None:
         log_p = F.log_softmax(t.to(dtype) / temperature, dim=-1)
-        if top_k:
-            top_indices, log_p = teacher_top_k(log_p, top_k)
     else:
-        log_p = t.to(dtype)
-    if top_indices is not None:
-        log_q = collapse_to_buckets(log_q, top_indices)
+        log_p, log_q = t.to(dtype), collapse_to_buckets(log_q, top_indices)
     d = divergence(log_p, log_q, objective, beta)
     soft = (d * weights).sum() if weights is not None else d.sum()
     ce = F.cross_entropy(s, y, reduction="sum")
@@ -252,8 +263,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
     t = teacher_logits.reshape(-1, vocab)[keep].detach()
     y = labels.reshape(-1)[keep]
     weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
-    sums = _chunked_sums(s, t, None, y, weights, temperature=temperature, objective=objective, beta=beta,
-                         top_k=top_k)
+    top_indices = None
+    if top_k and len(t):  # the teacher's buckets once, not again in the backward pass of each checkpointed chunk
+        top_indices, t = teacher_buckets(t, top_k, temperature, torch.promote_types(s.dtype, torch.float32))
+    sums = _chunked_sums(s, t, top_indices, y, weights, temperature=temperature, objective=objective, beta=beta)
     return _mix(sums, s.shape[0], student_logits, temperature, alpha)
 
 
@@ -279,8 +292,7 @@ def kd_loss_top_k(student_logits: Tensor, top_indices: Tensor, top_log_probs: Te
     weights = None
     if confidence_weighting and len(buckets):
         weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
-    sums = _chunked_sums(s, buckets, idx, y, weights, temperature=temperature, objective=objective, beta=beta,
-                         top_k=k)
+    sums = _chunked_sums(s, buckets, idx, y, weights, temperature=temperature, objective=objective, beta=beta)
     return _mix(sums, s.shape[0], student_logits, temperature, alpha)
 
 

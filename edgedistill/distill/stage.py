@@ -12,7 +12,7 @@ from edgedistill.distill.quantized import save_learned_scales
 from edgedistill.distill.losses import LossSpec
 from edgedistill.distill.trainer import TrainConfig, distill
 from edgedistill.formats import FORMATS
-from edgedistill.measure.quality import evaluate, teacher_targets
+from edgedistill.measure.quality import evaluate
 from edgedistill.progressive import split_steps
 from edgedistill.prune import Lineage
 
@@ -82,12 +82,10 @@ def coach_maps(init_summary: dict) -> dict:
     trains against: the teacher's as recorded, or, after a progressive init, the assistant's.
     A record without head and channel maps (an init from before they were recorded) gives None
     for them, and the losses fall back to grouped heads and random projections."""
-    maps = {"layer_map": coach_layer_map(init_summary), "head_map": None, "hidden_channels": None}
     chain = init_summary["progressive"]
     coach = chain[-1] if chain else None
-    if not all(init_summary.get(k) is not None for k in _MAPS) or \
-            (coach is not None and not all(coach.get(k) is not None for k in _MAPS)):
-        return maps
+    if not all(record.get(k) is not None for record in [init_summary, *chain[-1:]] for k in _MAPS):
+        return {"layer_map": coach_layer_map(init_summary), "head_map": None, "hidden_channels": None}
     if coach is None:
         return {k: init_summary[k] for k in _MAPS}
     return Lineage(*(init_summary[k] for k in _MAPS)).relative_to(Lineage(*(coach[k] for k in _MAPS)))
@@ -124,7 +122,7 @@ def run(ctx) -> dict:
     heldout = read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples]
     qat = qat_spec(cfg, ctx["plan"].summary["student"])
 
-    targets = teacher_targets(teacher, heldout)
+    targets = ctx.session.teacher_targets(ctx["teacher"], heldout)
     quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
     maps = coach_maps(ctx["init"].summary)
     run_cfg = train_config(d, steps, qat, cfg.seed, maps.pop("layer_map"), **maps)

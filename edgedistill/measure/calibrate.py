@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,10 +42,12 @@ def _timed(fn, repeats: int) -> list[float]:
 
 def rate_stats(work: float, times: list[float], scale: float) -> dict:
     """Median/min/max of work/time in units of `scale` (1e9: GB/s or GOP/s). Min rate is the slowest run."""
-    rates = [work / t / scale for t in times if t > 0]
-    if not rates:
+    from edgedistill.measure.profile import sample_stats
+
+    stats = sample_stats([work / t / scale for t in times if t > 0])
+    if stats is None:
         raise ValueError("rate_stats: no positive timing")
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "n": len(rates)}
+    return stats
 
 
 def _memory(torch, array_mb: int, repeats: int) -> tuple[dict, dict]:

@@ -271,7 +271,8 @@ def _run_figures(gen, prompt_len: int) -> dict:
     }
 
 
-def _stats(values: list) -> dict | None:
+def sample_stats(values: list) -> dict | None:
+    """Median, min, max and count of the samples that are not None (None when there are none)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None
@@ -302,8 +303,8 @@ def _measure(path: Path, fmt: str, prompt_ids: list[int], new_tokens: int, repea
     # the high-water mark; it can lag the live RSS by a page-accounting batch.
     peak_rss = max(v for v in (_peak_rss_mb(), _current_rss_mb(), loaded_rss, baseline_rss) if v is not None)
 
-    stats = {k: _stats([r[k] for r in runs]) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s")}
-    stats["tokens"] = _stats([r["tokens"] for r in runs])
+    stats = {k: sample_stats([r[k] for r in runs]) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s")}
+    stats["tokens"] = sample_stats([r["tokens"] for r in runs])
     median = {k: (stats[k]["median"] if stats[k] else None) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s")}
     notes = []
     if median["decode_tok_s"] is None:

@@ -140,8 +140,7 @@ def energy(device, *, decode_tok_s: float, prefill_tok_s: float, bytes_per_token
                   f"generated tokens at the decode J/token")
     else:
         basis += "; mains powered: J/token and watts only"
-    # getattr: a profile object from before these fields existed (a build process started earlier) has none
-    pj_byte, pj_op = getattr(device, "dram_pj_per_byte", None), getattr(device, "pj_per_op", None)
+    pj_byte, pj_op = device.dram_pj_per_byte, device.pj_per_op
     if pj_byte is not None and pj_op is not None:
         memory_j = bytes_per_token * pj_byte * 1e-12
         compute_j = ops_per_token * pj_op * 1e-12

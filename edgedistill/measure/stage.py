@@ -53,7 +53,6 @@ def run(ctx) -> dict:
     from edgedistill.bench import default_threads
     from edgedistill.measure.calibrate import calibrate_host
     from edgedistill.measure.profile import host_info, profile_artifact
-    from edgedistill.measure.quality import teacher_targets
 
     e = ctx.cfg.eval
     heldout = read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))
@@ -64,18 +63,18 @@ def run(ctx) -> dict:
     # from stealing the measured threads' time
     threads = default_threads()
     calibration = calibrate_host(threads)
+    kv = kv_cache_figures(student["shape"], student["context"])  # the student's, alike for every artifact
     measured = {}
     with task_progress("profile on host", len(artifacts), ctx.session.progress) as advance:
         for fmt, art in artifacts.items():
             measured[fmt] = profile_artifact(ctx["export"].path(art["file"]), fmt, prompt_ids=prompt,
                                              new_tokens=e.profile_new_tokens, repeats=e.profile_repeats,
                                              n_threads=threads)
-            measured[fmt].update(kv_cache_figures(student["shape"], student["context"]))
+            measured[fmt].update(kv)
             advance()
 
     examples = heldout[: e.max_examples]
-    teacher, _ = ctx.session.teacher(ctx["teacher"])
-    targets = teacher_targets(teacher, examples)
+    targets = ctx.session.teacher_targets(ctx["teacher"], examples)
     quality = {}
     with task_progress("artifact quality", len(artifacts), ctx.session.progress) as advance:
         for fmt, art in artifacts.items():

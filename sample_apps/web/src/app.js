@@ -16,8 +16,8 @@ const MAX_CONTEXT = 4096;
 const query = new URLSearchParams(location.search);
 // a number from the query string; one that is missing or not a number keeps the default
 const option = (name, fallback) => {
-  const value = Number(query.get(name) ?? NaN);
-  return query.has(name) && Number.isFinite(value) ? value : fallback;
+  const value = query.has(name) ? Number(query.get(name)) : NaN;
+  return Number.isFinite(value) ? value : fallback;
 };
 const sampling = {
   temperature: option("temperature", 0.7),
