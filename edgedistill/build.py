@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgedistill import atomic
+from edgedistill import atomic, processes
 from edgedistill import teacher as teacher_mod
 from edgedistill.config import BuildConfig, dump_toml
 from edgedistill.data.prompts import load_user_file
@@ -131,12 +131,21 @@ def quiet_libraries() -> None:
 
 def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress: bool = True,
           console: Console | None = None) -> int:
-    """Exit code: 0 every check met, 1 a budget or parity check failed (artifacts and report kept)."""
+    """Exit code: 0 every check met, 1 a budget or parity check failed (artifacts and report kept).
+
+    Under `accelerate launch` (processes.py) every process runs this; the main process alone prints,
+    runs the stages other than distill and publishes, and the others return 0."""
     console = console or Console(stderr=True)
+    if not processes.is_main():
+        console, progress = Console(stderr=True, quiet=True), False
     quiet_libraries()
     # every input is checked before anything is written: bad input leaves no trace
     targets = [load_target(t) for t in cfg.targets]
-    teacher_mod.check_files(teacher_mod.resolve(cfg.teacher))
+    for t in [cfg.teacher, *cfg.distill.teachers]:
+        teacher_mod.check_files(teacher_mod.resolve(t))
+    if processes.launched() and cfg.plan.progressive:
+        # the init stage trains its intermediates on the main process alone, while the others wait
+        raise UserError("--progressive is not supported under a multi-process launch; run it in one process")
     for f in cfg.data.prompts:
         load_user_file(Path(f))
     info, plans = plan_all(cfg, targets)
@@ -144,7 +153,9 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     prepare_out(out)
     write_config(cfg)
     if dry:
-        return dry_run(cfg, targets, info, plans, console)
+        code = dry_run(cfg, targets, info, plans, console)
+        processes.finish()
+        return code
     from edgedistill.report import files_to_publish, render_comparison
     from edgedistill.stages import STAGES
 
@@ -152,6 +163,8 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     all_ok = True
     for target in targets:
         records = run_target(STAGES, session, target)
+        if not processes.is_main():
+            continue
         final = publish(out, target, files_to_publish(records))
         rep = records["report"].summary
         all_ok &= rep["ok"]
@@ -163,6 +176,8 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
         if not trust["trusted"]:
             console.print(f"  [yellow]![/yellow] {escape(trust['message'])}" + ("" if cfg.strict else
                           " (--strict fails the figures projected with it)"), highlight=False)
-    for path in render_comparison(out)[1:]:  # several targets in OUT: one page to compare them
-        console.print(f"comparison across targets: {path}")
+    if processes.is_main():
+        for path in render_comparison(out)[1:]:  # several targets in OUT: one page to compare them
+            console.print(f"comparison across targets: {path}")
+    processes.finish()
     return 0 if all_ok else 1

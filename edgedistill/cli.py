@@ -29,6 +29,15 @@ def _student_shape(text: Optional[str]) -> Optional[dict]:
         raise UserError("--student takes layers=N,hidden=N,intermediate=N,heads=N,kv_heads=N") from None
 
 
+def _filter_list(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    if text.strip() == "all":
+        from edgedistill.data.augment import FILTERS
+        return list(FILTERS)
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
 def _drop_none(d: dict) -> dict:
     return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items()
             if v is not None and v != {} and not (isinstance(v, dict) and not _drop_none(v))}
@@ -61,6 +70,14 @@ def build(
         None, help="weight of the attention-map transfer at mapped layers (default 0: off)"),
     top_k: Optional[int] = typer.Option(
         None, help="KD over the teacher's top-k tokens plus one tail bucket (default 0: whole vocabulary)"),
+    mode: Optional[str] = typer.Option(
+        None, help="white_box (default: the teacher's logits), black_box (its text alone) or self (an EMA of the "
+                   "student as its own teacher)"),
+    on_policy: Optional[float] = typer.Option(
+        None, help="share of steps (GKD's lambda, in [0, 1]) trained on the student's own samples, scored by the teacher"),
+    extra_teacher: List[str] = typer.Option(
+        None, "--extra-teacher", help="another teacher sharing the tokenizer: distill from the mean of their "
+                                      "distributions; repeatable"),
     qat_activations: Optional[bool] = typer.Option(
         None, "--qat-activations/--no-qat-activations",
         help="QAT also models the runtime's int8 rounding of matmul inputs (default on)"),
@@ -72,6 +89,18 @@ def build(
     onnx_int8_per_channel: Optional[bool] = typer.Option(
         None, "--onnx-int8-per-channel/--onnx-int8-blockwise", help="ONNX INT8: one scale per output channel"),
     prompts: List[Path] = typer.Option(None, "--prompts", help="extra prompts or text (.jsonl or .txt); repeatable"),
+    self_instruct: Optional[int] = typer.Option(
+        None, help="requests to the teacher for new instructions like the train prompts; near-duplicates "
+                   "dropped (default 0)"),
+    chain_of_thought: Optional[bool] = typer.Option(
+        None, "--chain-of-thought/--no-chain-of-thought",
+        help="add step-by-step variants of math and reasoning prompts"),
+    multi_turn: Optional[int] = typer.Option(
+        None, help="train chats given a teacher-answered follow-up turn (default 0)"),
+    answer_filters: Optional[str] = typer.Option(
+        None, help="drop train answers: comma list of empty,truncated,too_short,too_long,repetitive, or all"),
+    balance: Optional[str] = typer.Option(
+        None, help="topic balancing after filtering: none (default), cap or oversample"),
     teacher_bits: Optional[int] = typer.Option(None, help="load the teacher in 8 or 4 bits (bitsandbytes)"),
     trust_remote_code: bool = typer.Option(False, help="allow the teacher's own Python code (off by default)"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
@@ -97,11 +126,14 @@ def build(
         "distill": {"steps": steps, "temperature": temperature, "alpha": alpha, "qat_activations": qat_activations,
                     "loss": {"objective": loss, "jsd_beta": jsd_beta, "hidden_weight": hidden_weight,
                              "attention_weight": attention_weight, "top_k": top_k},
-                    "qat_learn_scales": learn_scales},
+                    "qat_learn_scales": learn_scales, "mode": mode, "on_policy_fraction": on_policy,
+                    "teachers": list(extra_teacher) if extra_teacher else None},
         "export": {"onnx_block_size": onnx_block_size,
                    "onnx_symmetric": None if onnx_asymmetric is None else not onnx_asymmetric,
                    "onnx_int8_per_channel": onnx_int8_per_channel},
-        "data": {"prompts": [str(p) for p in prompts] if prompts else None},
+        "data": {"prompts": [str(p) for p in prompts] if prompts else None, "self_instruct": self_instruct,
+                 "chain_of_thought": chain_of_thought, "multi_turn": multi_turn,
+                 "answer_filters": _filter_list(answer_filters), "balance": balance},
     })
     cfg = cfgmod.resolve(overrides, base)
     raise typer.Exit(run_build(cfg, resume=resume, dry=dry_run, progress=progress, console=err))

@@ -45,6 +45,50 @@ class DataConfig(_Section):
     max_new_tokens: int = Field(96, gt=0)
     gen_batch_size: int = Field(16, gt=0)
     max_len: int = Field(320, gt=16)
+    # More and cleaner data (data/augment.py), all off by default. Left out of the dumped config at their
+    # defaults, so builds made before these settings keep their config hash and cached data.
+    self_instruct: int = Field(0, ge=0, description="requests to the teacher for new instructions, each showing "
+                               "train prompts of one category; near-duplicates of what it writes are dropped")
+    self_instruct_examples: int = Field(3, gt=0, description="train prompts of one category shown per request")
+    dedup_threshold: float = Field(0.7, gt=0, le=1, description="MinHash Jaccard similarity (character 5-grams) "
+                                   "at which a new instruction is a near-duplicate of a prompt or another new one")
+    chain_of_thought: bool = Field(False, description="add a step-by-step variant of each train prompt in "
+                                                      "cot_categories, answered by the teacher")
+    cot_categories: list[str] = Field(default_factory=lambda: ["math", "reasoning"], min_length=1)
+    multi_turn: int = Field(0, ge=0, description="train chats given a follow-up question the teacher answers "
+                                                 "with its first answer in context")
+    answer_filters: list[Literal["empty", "truncated", "too_short", "too_long", "repetitive"]] = Field(
+        default_factory=list, description="quality filters that drop train answers: empty, truncated (hit "
+        "max_new_tokens), too_short (min_answer_words), too_long (cut by max_len), repetitive (max_repetition)")
+    min_answer_words: int = Field(2, gt=0, description="too_short filter: fewest words in an answer")
+    max_repetition: float = Field(0.5, gt=0, le=1, description="repetitive filter: largest share of an "
+                                                               "answer's word 3-grams repeating an earlier one")
+    balance: Literal["none", "cap", "oversample"] = Field(
+        "none", description="topic balancing of train after filtering: cap categories at the median "
+                            "category size, or repeat examples up to the largest")
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self):
+        idle = [("self_instruct_examples", self.self_instruct == 0, "self_instruct > 0"),
+                ("dedup_threshold", self.self_instruct == 0, "self_instruct > 0"),
+                ("cot_categories", not self.chain_of_thought, "chain_of_thought = true"),
+                ("min_answer_words", "too_short" not in self.answer_filters, 'answer_filters with "too_short"'),
+                ("max_repetition", "repetitive" not in self.answer_filters, 'answer_filters with "repetitive"')]
+        for name, off, needs in idle:
+            if name in self.model_fields_set and off:
+                raise ValueError(f"{name} only applies with {needs}; set that too, or leave {name} out")
+        if len(set(self.answer_filters)) < len(self.answer_filters):
+            raise ValueError("answer_filters names a filter twice")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_defaults(self, handler(self), _DATA_AUGMENT_FIELDS)
+
+
+_DATA_AUGMENT_FIELDS = ("self_instruct", "self_instruct_examples", "dedup_threshold", "chain_of_thought",
+                        "cot_categories", "multi_turn", "answer_filters", "min_answer_words", "max_repetition",
+                        "balance")
 
 
 def _without_defaults(model: BaseModel, data: dict, names) -> dict:
@@ -111,6 +155,19 @@ class DistillConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     logit_cache: bool = Field(False, description="read the teacher's top-k (loss.top_k) from a logit cache in "
                                                  "OUT/.cache/teacher-logits, built once, instead of running it each step")
+    # Modes (distill/modes.py). Left out of the dumped config at their defaults, so builds made before
+    # them keep their config hash and cached stages.
+    mode: Literal["white_box", "black_box", "self"] = Field(
+        "white_box", description="white_box: the teacher's logits; black_box: its text alone (cross-entropy on "
+                                 "the answers); self: an EMA of the student itself as the teacher")
+    teachers: list[str] = Field(default_factory=list, description="more teachers (folder, .gguf, hub id, alias): "
+                                "the target is the mean of their and the build teacher's distributions; all "
+                                "must share the build teacher's tokenizer")
+    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="GKD's lambda: the share of steps trained on "
+                                      "the student's own samples of training prompts, scored by the teacher")
+    on_policy_max_new_tokens: int = Field(64, gt=0, description="tokens the student samples per on-policy prompt")
+    ema_momentum: float = Field(0.996, ge=0, le=1, description="self mode: EMA momentum at the first step")
+    ema_momentum_end: float = Field(1.0, ge=0, le=1, description="self mode: EMA momentum at the last step (cosine)")
 
     @model_validator(mode="after")
     def _cache_needs_top_k(self):
@@ -118,10 +175,50 @@ class DistillConfig(_Section):
             raise ValueError("logit_cache holds the teacher's top-k tokens: set loss.top_k > 0 too")
         return self
 
+    @model_validator(mode="after")
+    def _modes_that_mean_something(self):
+        # settings a mode would ignore are refused, like the loss section's idle settings
+        if self.mode == "black_box":
+            used = [name for name, on in (("on_policy_fraction", self.on_policy_fraction > 0),
+                                          ("teachers", bool(self.teachers)), ("logit_cache", self.logit_cache),
+                                          ("loss", self.loss != LossConfig())) if on]
+            if used:
+                raise ValueError(f"mode black_box trains on the teacher's text alone (no teacher logits): "
+                                 f"{', '.join(used)} would do nothing; leave {'them' if len(used) > 1 else 'it'} out")
+        if self.mode == "self":
+            used = [name for name, on in (("teachers", bool(self.teachers)), ("logit_cache", self.logit_cache),
+                                          ("loss.hidden_weight", self.loss.hidden_weight > 0),
+                                          ("loss.attention_weight", self.loss.attention_weight > 0)) if on]
+            if used:
+                raise ValueError(f"mode self learns from the student's own moving average, not a teacher: "
+                                 f"{', '.join(used)} cannot apply; leave {'them' if len(used) > 1 else 'it'} out")
+        idle = [("on_policy_max_new_tokens", self.on_policy_fraction == 0, "on_policy_fraction > 0"),
+                ("ema_momentum", self.mode != "self", 'mode = "self"'),
+                ("ema_momentum_end", self.mode != "self", 'mode = "self"')]
+        for name, off, needs in idle:
+            if name in self.model_fields_set and off:
+                raise ValueError(f"{name} only applies with {needs}; set that too, or leave {name} out")
+        if self.ema_momentum > self.ema_momentum_end:
+            raise ValueError(f"ema_momentum ({self.ema_momentum}) must not exceed ema_momentum_end "
+                             f"({self.ema_momentum_end}): the mean teacher settles, it does not speed up")
+        if self.on_policy_fraction > 0 and self.on_policy_max_new_tokens >= self.seq_len:
+            raise ValueError(f"on_policy_max_new_tokens ({self.on_policy_max_new_tokens}) must leave room for a "
+                             f"prompt in seq_len ({self.seq_len})")
+        if self.teachers and self.loss.confidence_weighting:
+            raise ValueError("loss.confidence_weighting reads one teacher's own confidence; it is not defined "
+                             "for an ensemble of teachers")
+        if any(not t.strip() for t in self.teachers) or len(set(self.teachers)) < len(self.teachers):
+            raise ValueError("teachers must name each extra teacher once")
+        return self
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # all loss settings at their defaults, and the cache off: as if neither existed
-        return _without_defaults(self, handler(self), ("loss", "logit_cache"))
+        # all loss settings at their defaults, the cache off and the default mode: as if none existed
+        return _without_defaults(self, handler(self), ("loss", "logit_cache", *_MODE_FIELDS))
+
+
+_MODE_FIELDS = ("mode", "teachers", "on_policy_fraction", "on_policy_max_new_tokens", "ema_momentum",
+                "ema_momentum_end")
 
 
 class ExportConfig(_Section):
@@ -156,6 +253,14 @@ class BuildConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _ensemble_without_progressive(self):
+        # refused here, before any stage runs, not when the distill stage would find the chain
+        if self.plan.progressive and self.distill.teachers:
+            raise ValueError("distill.teachers with plan.progressive: a progressive build's last stage trains "
+                             "against the intermediate student, not the teachers; use one or the other")
+        return self
 
     def section_hash(self, *fields: str) -> str:
         """Hash of the named config fields (dotted paths), for stage cache keys."""
@@ -202,6 +307,8 @@ def resolve(overrides: dict, base: Optional[dict] = None) -> BuildConfig:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
+        if not field:  # a check across sections: its message names the settings
+            raise UserError(f"invalid options: {err['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"invalid option {field}: {err['msg']} (got {err.get('input')!r})") from None
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from rich.console import Console
 
-from edgedistill import __version__, atomic
+from edgedistill import __version__, atomic, processes
 from edgedistill.config import BuildConfig
 from edgedistill.targets import TargetProfile
 
@@ -35,6 +35,8 @@ class Stage:
     reads: tuple[str, ...] = ()  # dotted config fields; "target.x.y" reads the target profile
     extra: Optional[Callable[[BuildConfig], str]] = None  # identity of inputs outside the config
     version: int = 1  # bump when a stage's code changes what it writes
+    # under a multi-process launch: run on every process (DDP training), not the main one alone
+    every_process: bool = False
 
 
 @dataclass
@@ -182,23 +184,51 @@ def stages_root(cfg: BuildConfig) -> Path:
 
 
 def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: dict[str, Record]) -> Record:
+    """The stage's record: from the cache, or run now. Under a multi-process launch (processes.py)
+    the main process prepares and commits the stage's folder; the stage itself runs on every
+    process or on the main one alone, and the others then read its record from the cache."""
     cfg = session.cfg
     key = stage_key(stage, cfg, target, upstream)
     final = stages_root(cfg) / f"{stage.name}-{key}"
+    # every process looks at the cache at the same moment: one that looked after the main process had
+    # already run and committed the stage would skip the barriers below that the others wait at
+    processes.wait()
     record = session._stage_cache.get(final) or _load_record(stage, key, final)
-    if record is not None:
-        session._stage_cache[final] = record
-        return record
-    partial = final.with_name(final.name + ".partial")
-    if partial.exists() and not session.resume:
+    if record is None:
+        partial = final.with_name(final.name + ".partial")
+        runs_here = stage.every_process or processes.is_main()
+        if processes.is_main():
+            _prepare_partial(partial, session.resume)
+        if stage.every_process:
+            processes.wait()  # the folder is ready before any process writes to it
+        if runs_here:
+            ctx = StageContext(cfg, target, partial, {n: upstream[n] for n in stage.after}, session)
+            t0 = time.perf_counter()
+            summary = stage.run(ctx)
+            seconds = time.perf_counter() - t0
+        if stage.every_process:
+            processes.wait()  # every process has finished with the folder before it is committed
+        if processes.is_main():
+            record = _commit(stage, key, partial, final, summary, seconds)
+        processes.wait()
+        if record is None:  # the main process ran it: its committed folder is now in the cache
+            record = _load_record(stage, key, final)
+            if record is None:
+                raise RuntimeError(f"stage {stage.name}: the main process left no result at {final}")
+    session._stage_cache[final] = record
+    return record
+
+
+def _prepare_partial(partial: Path, resume: bool) -> None:
+    if partial.exists() and not resume:
         shutil.rmtree(partial)  # a crashed attempt; without --resume start the stage afresh
     elif partial.exists():
         _drop_leftovers(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(cfg, target, partial, {n: upstream[n] for n in stage.after}, session)
-    t0 = time.perf_counter()
-    summary = stage.run(ctx)
-    seconds = time.perf_counter() - t0
+
+
+def _commit(stage: Stage, key: str, partial: Path, final: Path, summary: dict, seconds: float) -> Record:
+    """Write the stage file and rename the finished folder into place: the stage is then cached."""
     outputs = _outputs(partial)
     outputs_hash = _digest({"outputs": outputs, "summary": summary})
     atomic.write_json(partial / STAGE_FILE, {"stage": stage.name, "key": key, "summary": summary,
@@ -209,9 +239,7 @@ def run_stage(stage: Stage, session: Session, target: TargetProfile, upstream: d
     if final.exists():  # an invalid earlier result under the same key (e.g. a deleted output)
         shutil.rmtree(final)
     os.replace(partial, final)
-    record = Record(stage.name, key, final, summary, outputs_hash, outputs, cached=False, seconds=seconds)
-    session._stage_cache[final] = record
-    return record
+    return Record(stage.name, key, final, summary, outputs_hash, outputs, cached=False, seconds=seconds)
 
 
 def run_target(stages: list[Stage], session: Session, target: TargetProfile) -> dict[str, Record]:

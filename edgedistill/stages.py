@@ -16,6 +16,13 @@ def _teacher_identity(cfg) -> str:
     return teacher.fingerprint(teacher.resolve(cfg.teacher))
 
 
+def _extra_teachers_identity(cfg) -> str | None:
+    """An ensemble's other teachers, by their contents as the build's teacher is (None without any)."""
+    if not cfg.distill.teachers:
+        return None
+    return ",".join(teacher.fingerprint(teacher.resolve(t)) for t in cfg.distill.teachers)
+
+
 def _progressive_identity(cfg) -> str:
     """A progressive init trains its intermediates, so it then depends on the training settings too."""
     import json
@@ -40,7 +47,8 @@ STAGES: list[Stage] = [
     Stage("init", prune.run, after={"teacher": None, "data": None, "plan": "student"},
           reads=("plan.calibration_examples",), extra=_progressive_identity, version=3),
     Stage("distill", distill_stage.run, after={"teacher": None, "init": None, "data": None, "plan": "student"},
-          reads=("distill", "export", "seed", "eval.max_examples"), version=3),
+          reads=("distill", "export", "seed", "eval.max_examples"), version=4, every_process=True,
+          extra=_extra_teachers_identity),
     Stage("export", export_stage.run, after={"teacher": None, "distill": None, "plan": "export"},
           reads=("export",), version=4),
     Stage("verify", verify.run, after={"teacher": None, "distill": None, "data": None, "export": None,

@@ -199,13 +199,34 @@ def test_pack_rows_keeps_mask_aligned_with_labels():
     for _ in range(7):
         prompt, answer = torch.randint(0, 100, (5,), generator=g), torch.randint(100, 200, (4,), generator=g)
         examples.append({"input_ids": prompt.tolist() + answer.tolist(), "loss_mask": [0] * 5 + [1] * 4})
-    inputs, labels, mask = pack_rows(examples, seq_len=16, rows=12, seed=0)  # 12 rows > one epoch
-    assert inputs.shape == labels.shape == mask.shape == (12, 16)
+    inputs, labels, mask, positions = pack_rows(examples, seq_len=16, rows=12, seed=0)  # 12 rows > one epoch
+    assert inputs.shape == labels.shape == mask.shape == positions.shape == (12, 16)
+    # every 9-token example counts its own positions 0..8, across row cuts too
+    assert torch.equal(positions.flatten(), torch.arange(12 * 16) % 9)
     assert torch.equal(mask.bool(), labels >= 100)
     assert torch.equal(inputs[:, 1:], labels[:, :-1])
     assert torch.equal(inputs[1:, 0], labels[:-1, -1])  # rows continue the stream without a gap
     assert torch.equal(pack_rows(examples, 16, 12, seed=0)[0], inputs)
     assert not torch.equal(pack_rows(examples, 16, 12, seed=1)[0], inputs)
+
+
+def test_packed_rows_keep_attention_inside_each_example(teacher):
+    # Each example's logits in a packed row equal its logits when run alone: no attention across the
+    # boundary, and its positions start from 0 as at inference.
+    examples = random_examples(6, seed=11)
+    inputs, _, _, positions = pack_rows(examples, seq_len=96, rows=1, seed=0)
+    with torch.no_grad():
+        # use_cache=False as in training: transformers reads boundaries from positions only without a cache
+        packed = teacher(input_ids=inputs, position_ids=positions, use_cache=False).logits[0]
+        unbounded = teacher(input_ids=inputs, use_cache=False).logits[0]
+    starts = (positions[0] == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3
+    for a, b in zip(starts, starts[1:]):
+        with torch.no_grad():
+            alone = teacher(input_ids=inputs[:, a:b]).logits[0]
+        assert torch.allclose(packed[a:b], alone, atol=1e-5)
+    a, b = starts[1], starts[2]
+    assert not torch.allclose(unbounded[a:b], packed[a:b], atol=1e-3)  # the check above can fail
 
 
 def test_lr_schedule():

@@ -98,9 +98,11 @@ def test_cache_is_written_once_and_reused_without_running_the_teacher(tiny_pair,
     assert second["loss_curve"] == first["loss_curve"]
 
 
-def fresh_cache(teacher, ids, root, **overrides):
+def fresh_cache(teacher, ids, root, positions=None, **overrides):
     settings = dict(k=4, temperature=2.0, precision="no", batch_size=2, autocast=nullcontext)
-    return logit_cache.prepare(teacher, ids, root, **{**settings, **overrides})
+    if positions is None:  # each row one whole example
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return logit_cache.prepare(teacher, ids, positions, root, **{**settings, **overrides})
 
 
 def test_key_changes_with_data_teacher_k_temperature_and_tokenizer(tiny_pair, tmp_path):
@@ -113,6 +115,8 @@ def test_key_changes_with_data_teacher_k_temperature_and_tokenizer(tiny_pair, tm
     other_data[2, 5] = (other_data[2, 5] + 1) % teacher.config.vocab_size
     changed = {
         "data": fresh_cache(teacher, other_data, tmp_path)[0],
+        # the same tokens packed differently: an example boundary inside the last row
+        "boundaries": fresh_cache(teacher, ids, tmp_path, torch.tensor([list(range(8))] * 2 + [[0, 1, 2, 0, 1, 2, 3, 4]]))[0],
         "k": fresh_cache(teacher, ids, tmp_path, k=5)[0],
         "temperature": fresh_cache(teacher, ids, tmp_path, temperature=1.0)[0],
         "tokenizer": fresh_cache(teacher, ids, tmp_path, extra={"tokenizer": "another"})[0],
@@ -124,9 +128,10 @@ def test_key_changes_with_data_teacher_k_temperature_and_tokenizer(tiny_pair, tm
     changed["teacher"] = fresh_cache(other_teacher, ids, tmp_path)[0]
     for what, cache in changed.items():
         assert cache.paths != base.paths, what
-    # the settings key names the folder: only the data's change stays in the same one
-    assert changed["data"].paths[0].parent == base.paths[0].parent
-    assert all(c.paths[0].parent != base.paths[0].parent for w, c in changed.items() if w != "data")
+    # the settings key names the folder: only the data's changes stay in the same one
+    rows_changed = ("data", "boundaries")
+    assert all(changed[w].paths[0].parent == base.paths[0].parent for w in rows_changed)
+    assert all(c.paths[0].parent != base.paths[0].parent for w, c in changed.items() if w not in rows_changed)
 
 
 def make_teacher_copy(teacher):

@@ -671,8 +671,9 @@ def first_batch_parts(teacher, student, examples, cfg, spec, head_maps, channels
     """The loss terms of the run's first batch, computed here with the loss functions themselves."""
     from edgedistill.distill.trainer import _attention_probabilities, pack_rows
 
-    inputs, labels, mask = (x[:cfg.batch_size] for x in pack_rows(examples, cfg.seq_len, cfg.batch_size, cfg.seed))
-    wanted = dict(use_cache=False, output_hidden_states=True, output_attentions=True)
+    inputs, labels, mask, positions = (x[:cfg.batch_size]
+                                       for x in pack_rows(examples, cfg.seq_len, cfg.batch_size, cfg.seed))
+    wanted = dict(use_cache=False, output_hidden_states=True, output_attentions=True, position_ids=positions)
     with torch.no_grad(), _attention_probabilities([student, teacher], True):
         s, t = student(input_ids=inputs, **wanted), teacher(input_ids=inputs, **wanted)
     _, parts = kd_loss(s.logits, t.logits, mask, labels, temperature=cfg.temperature, alpha=cfg.alpha,
@@ -748,3 +749,183 @@ def test_run_identity_leaves_out_maps_no_term_reads(tiny_pair, few_examples):
     attention = _run_identity(short_run(loss=LossSpec(attention_weight=1.0), layer_map=[0, 3], head_map=HEAD_MAP,
                                         hidden_channels=CHANNELS), data, 1)["config"]
     assert attention["head_map"] == HEAD_MAP and "hidden_channels" not in attention
+
+
+# ---------------------------------------------------------------- the fused top-k loss from hidden states
+
+
+def cached_top_k(t, tau, k):
+    """What a logit cache holds for teacher logits t: top-k ids, their log-probs and the tail's log-mass."""
+    log_p = F.log_softmax(t / tau, -1)
+    top = log_p.topk(k, dim=-1)
+    return top.indices, top.values, log_p.scatter(-1, top.indices, -math.inf).logsumexp(-1)
+
+
+def hidden_batch(seed, b=2, length=5, width=4, vocab=7):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, length, width, dtype=torch.float64, generator=g) * 2
+    w = torch.randn(vocab, width, dtype=torch.float64, generator=g)
+    _, t, mask, labels = random_batch(seed, b, length, vocab)
+    return h, w, t, mask, labels
+
+
+def test_fused_top_k_matches_hand_computation():
+    # identity head: the hidden states are the logits; top-2 buckets plus the tail, and CE at alpha < 1
+    t, s = [3.0, 1.0, 0.0, -1.0], [1.0, 2.0, 0.5, 0.0]
+    p, q = softmax(t, 2.0), softmax(s, 2.0)
+    soft = kl([p[0], p[1], p[2] + p[3]], [q[0], q[1], q[2] + q[3]])
+    ce = cross_entropy(s, 3)
+    one = torch.ones(1, 1, dtype=torch.long)
+    args = (torch.tensor([[s]]), torch.eye(4), torch.tensor([[[0, 1]]]),
+            torch.tensor([[[math.log(p[0]), math.log(p[1])]]]), torch.tensor([[math.log(p[2] + p[3])]]), one, 3 * one)
+    loss, parts = losses.kd_loss_top_k_from_hidden(*args, temperature=2.0, alpha=0.7)
+    assert loss.item() == pytest.approx(0.7 * 4 * soft + 0.3 * ce, rel=1e-6)
+    assert parts["soft"].item() == pytest.approx(soft, rel=1e-6) and parts["ce"].item() == pytest.approx(ce, rel=1e-6)
+    online, _ = losses.kd_loss_from_hidden(args[0], args[1], torch.tensor([[t]]), one, 3 * one, temperature=2.0,
+                                           alpha=0.7, top_k=2)
+    assert online.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+@pytest.mark.parametrize("confidence", [False, True])
+@pytest.mark.parametrize("source", ["cached", "online"])
+def test_fused_top_k_equals_the_logits_path_and_passes_gradcheck(monkeypatch, objective, confidence, source):
+    """Value and gradients of hidden and head weight equal kd_loss(_top_k) on h W^T; gradcheck across chunks."""
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 2)  # several chunks, the last one short
+    h, w, t, mask, labels = hidden_batch(12)
+    tau, k = 1.5, 3
+    settings = dict(temperature=tau, alpha=0.6, objective=objective, beta=0.3, confidence_weighting=confidence)
+    cache = cached_top_k(t, tau, k)
+    if source == "cached":
+        fused = lambda a, b: losses.kd_loss_top_k_from_hidden(a, b, *cache, mask, labels, **settings)  # noqa: E731
+        plain = lambda a, b: kd_loss_top_k(a @ b.T, *cache, mask, labels, **settings)  # noqa: E731
+    else:
+        fused = lambda a, b: losses.kd_loss_from_hidden(a, b, t, mask, labels, top_k=k, **settings)  # noqa: E731
+        plain = lambda a, b: kd_loss(a @ b.T, t, mask, labels, top_k=k, **settings)  # noqa: E731
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    (got, got_parts), (want, want_parts) = fused(h, w), plain(h, w)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for name in ("soft", "ce"):
+        assert got_parts[name].item() == pytest.approx(want_parts[name].item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda a, b: fused(a, b)[0], (h, w))
+
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_fused_top_k_with_empty_tails_is_finite_and_exact(monkeypatch, objective):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 2)
+    h, w, t, mask, labels = hidden_batch(13, vocab=5)
+    h.requires_grad_(True)
+    settings = dict(temperature=1.5, alpha=0.4, objective=objective, beta=0.3)
+    for k in (5, 50):  # k >= V: both tails empty, the whole divergence
+        got, _ = losses.kd_loss_from_hidden(h, w, t, mask, labels, top_k=k, **settings)
+        full, _ = kd_loss(h @ w.T, t, mask, labels, **settings)
+        assert got.item() == pytest.approx(full.item(), rel=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda a: losses.kd_loss_from_hidden(a, w, t, mask, labels, top_k=k, **settings)[0], (h,))
+    # a cached teacher whose top-2 hold all its mass: its tail is -inf, the student's is not
+    idx = torch.tensor([[0, 1]]).expand(2, 5, 2)
+    top = torch.log(torch.tensor([0.7, 0.3], dtype=torch.float64)).expand(2, 5, 2)
+    tail = torch.full((2, 5), -math.inf, dtype=torch.float64)
+    got, _ = losses.kd_loss_top_k_from_hidden(h, w, idx, top, tail, mask, labels, **settings)
+    want, _ = kd_loss_top_k(h @ w.T, idx, top, tail, mask, labels, **settings)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a: losses.kd_loss_top_k_from_hidden(a, w, idx, top, tail, mask, labels, **settings)[0], (h,))
+
+
+def test_fused_top_k_tail_does_not_underflow_in_float32():
+    """exp of the tail's logits relative to the row's top would be 0 in float32 (a -inf tail, an
+    infinite loss): the fused loss takes the tail relative to its own largest logit."""
+    s = torch.tensor([[[0.0, -1.0, -400.0, -401.0, -402.0]]])
+    cache = (torch.tensor([[[0, 1]]]), torch.log(torch.tensor([[[0.5, 0.3]]])), torch.log(torch.tensor([[0.2]])))
+    one = torch.ones(1, 1, dtype=torch.long)
+    settings = dict(temperature=2.0, alpha=0.7)
+    got, parts = losses.kd_loss_top_k_from_hidden(s.clone().requires_grad_(True), torch.eye(5), *cache, one, 0 * one,
+                                                  **settings)
+    want, want_parts = kd_loss_top_k(s.double(), *(c.double() if c.is_floating_point() else c for c in cache), one,
+                                     0 * one, **settings)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert parts["soft"].item() == pytest.approx(want_parts["soft"].item(), rel=1e-5)
+
+
+def test_fused_top_k_bf16_matmuls_stay_close_to_float32():
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(3, 40, 16, generator=g)
+    w = torch.randn(300, 16, generator=g) * 0.3
+    t = torch.randn(3, 40, 300, generator=g) * 3
+    mask, labels = torch.ones(3, 40, dtype=torch.long), torch.randint(0, 300, (3, 40), generator=g)
+    cache = cached_top_k(t, 2.0, 8)
+    runs = []
+    for dtype in (None, torch.bfloat16):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = losses.kd_loss_top_k_from_hidden(hh, ww, *cache, mask, labels, temperature=2.0, alpha=0.7,
+                                                   matmul_dtype=dtype)
+        runs.append((loss.item(), *torch.autograd.grad(loss, (hh, ww))))
+    (l32, gh32, gw32), (l16, gh16, gw16) = runs
+    assert gh16.dtype == torch.float32 and gw16.dtype == torch.float32
+    assert l16 == pytest.approx(l32, rel=1e-2)
+    for a, b in ((gh16, gh32), (gw16, gw32)):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+def test_fused_top_k_all_masked_batch_gives_zero_loss_and_zero_gradient():
+    h, w, t, mask, labels = hidden_batch(15)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    loss, parts = losses.kd_loss_top_k_from_hidden(h, w, *cached_top_k(t, 2.0, 3), torch.zeros_like(mask), labels,
+                                                   temperature=2.0, alpha=0.5, confidence_weighting=True)
+    loss.backward()
+    assert loss.item() == 0.0 and parts["soft"].item() == 0.0
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("logit_cache", [False, True], ids=["online", "cached"])
+def test_top_k_training_runs_fused_and_matches_the_logits_path(tiny_pair, few_examples, tmp_path, monkeypatch,
+                                                               fresh_accelerate_state, logit_cache):
+    """A top-k run never asks the student for its [B, L, V] logits, and trains as the logits path does."""
+    from edgedistill.distill import trainer
+
+    teacher, new_student = tiny_pair
+    student = new_student()
+    ids = torch.tensor([few_examples[0]["input_ids"]])
+    with torch.no_grad():  # what the fused loss multiplies: hidden_states[-1] is after the final norm
+        out = student(input_ids=ids, output_hidden_states=True)
+    assert torch.allclose(out.hidden_states[-1] @ student.lm_head.weight.T, out.logits, atol=1e-5)
+
+    seen = []
+    real_loss = losses.kd_loss_top_k_from_hidden if logit_cache else losses.kd_loss_from_hidden
+    monkeypatch.setattr(losses, real_loss.__name__, lambda hidden, *a, **k: seen.append(hidden.shape) or
+                        real_loss(hidden, *a, **k))
+    cfg = short_run(steps=3, loss=LossSpec(top_k=16, objective="jsd", jsd_beta=0.3), alpha=0.7,
+                    mixed_precision="no", logit_cache=logit_cache)
+    fused = trainer.distill(student, teacher, few_examples, cfg, tmp_path / "fused", progress=False)
+    assert len(seen) == 3 and seen[0][-1] == student.config.hidden_size
+
+    monkeypatch.setattr(trainer, "_fused_head", lambda *a: None)
+    plain_student = new_student()
+    plain = trainer.distill(plain_student, teacher, few_examples, cfg, tmp_path / "plain", progress=False)
+    assert len(seen) == 3  # the logits path this time
+    assert fused["loss_curve"] == pytest.approx(plain["loss_curve"], rel=1e-4)
+    for name in ("soft", "ce"):
+        assert fused["loss_parts"][name] == pytest.approx(plain["loss_parts"][name], rel=1e-3)
+    a, b = student.state_dict(), plain_student.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_fused_head_is_kept_off_where_the_logits_path_is_needed(tiny_pair):
+    from edgedistill.distill.trainer import TrainConfig, _fused_head
+
+    _, new_student = tiny_pair
+    student = new_student()
+    top_k = TrainConfig(steps=1, batch_size=1, seq_len=8, loss=LossSpec(top_k=4))
+    assert _fused_head(student, student, top_k) is student.lm_head
+    assert _fused_head(student, student, TrainConfig(steps=1, batch_size=1, seq_len=8)) is None  # full vocabulary
+    assert _fused_head(torch.nn.Sequential(student), student, top_k) is None  # some other wrapper (FSDP, ...)
+    handle = student.lm_head.register_forward_pre_hook(lambda module, args: None)  # QAT's activation rounding
+    assert _fused_head(student, student, top_k) is None
+    handle.remove()
+    black_box = TrainConfig(steps=1, batch_size=1, seq_len=8, loss=LossSpec(top_k=4), mode="black_box")
+    assert _fused_head(student, student, black_box) is None

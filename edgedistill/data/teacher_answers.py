@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from edgedistill.data.prompts import USER_TEXT, Prompt
+from edgedistill.errors import UserError
 
 
 def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
@@ -109,13 +110,32 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
+def _mask_turn(tokenizer, r: dict, turn: int, ids: list[int], mask: list[int], special: set[int]) -> None:
+    """Set ``mask`` to 1 on the tokens of the assistant message ``r["messages"][turn]`` and its end-of-turn
+    token, found as for the answer: after the conversation before it, rendered with the generation prompt."""
+    msgs = r["messages"]
+    if not 0 <= turn < len(msgs) or msgs[turn]["role"] != "assistant":
+        raise ValueError(f"record {r['id']!r}: loss_turns names message {turn}, which is not an assistant turn")
+    before = chat_ids(tokenizer, msgs[:turn], add_generation_prompt=True)
+    if ids[:len(before)] != before:
+        # the teacher's own template: bad input, not our bug
+        raise UserError(f"record {r['id']!r}: the chat template does not tokenize the conversation with turn "
+                         f"{turn}'s prompt as a prefix; cannot locate that turn's tokens")
+    stop = next((k for k in range(len(before), len(ids)) if ids[k] in special), len(ids) - 1)
+    for k in range(len(before), stop + 1):
+        mask[k] = 1
+
+
 def tokenize_records(tokenizer, records: Iterable[dict], *, max_len: int) -> list[dict]:
     """Training sequences ``{"id", "category", "input_ids", "loss_mask"}``.
 
     A chat record becomes the full templated conversation (messages + the assistant answer) cut right after
     the answer's end-of-turn token; ``loss_mask`` is 1 on the answer tokens and that end-of-turn token, 0 on
-    the prompt. A text record is its text's tokens, all with mask 1. Sequences longer than ``max_len`` are
-    cut on the right (a long prompt can leave no answer tokens: such a record has an all-zero mask).
+    the prompt. A chat record may list in ``loss_turns`` the indices of earlier assistant messages that are
+    answers too (a follow-up's first answer, data/augment.py): those turns, each with its end-of-turn token,
+    are masked 1 too; other earlier assistant messages (a bundled chat's hand-written context) stay 0.
+    A text record is its text's tokens, all with mask 1. Sequences longer than ``max_len`` are cut on the
+    right (a long prompt can leave no answer tokens: such a record has an all-zero mask).
     """
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
@@ -138,6 +158,8 @@ def tokenize_records(tokenizer, records: Iterable[dict], *, max_len: int) -> lis
             end = next((k for k in range(n, len(full)) if full[k] in special), len(full) - 1)
             ids = full[:end + 1]
             mask = [0] * n + [1] * (end + 1 - n)
+            for turn in r.get("loss_turns", ()):
+                _mask_turn(tokenizer, r, turn, ids, mask, special)
         out.append({"id": r["id"], "category": r["category"], "input_ids": ids[:max_len],
                     "loss_mask": mask[:max_len]})
     return out

@@ -47,7 +47,8 @@ from torch import Tensor
 from edgedistill import atomic
 from edgedistill.distill.losses import teacher_buckets
 
-FORMAT_VERSION = 1
+# 2: rows are packed with attention boundaries (position_ids restart per example), part of each shard's key
+FORMAT_VERSION = 2
 SHARD_ROWS = 64  # rows per shard: a few MB at k = 64, L = 256
 VALUE_DTYPE = torch.float32
 SUFFIX = ".safetensors"
@@ -79,10 +80,11 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def shard_key(settings_key: str, input_ids: Tensor) -> str:
-    """The shard's name: its settings and its own token ids."""
+def shard_key(settings_key: str, input_ids: Tensor, position_ids: Tensor) -> str:
+    """The shard's name: its settings, its own token ids and their positions (where examples start)."""
     h = hashlib.sha256(settings_key.encode())
     _update_with_tensor(h, input_ids.to(torch.int64))
+    _update_with_tensor(h, position_ids.to(torch.int64))
     return h.hexdigest()
 
 
@@ -100,15 +102,17 @@ def top_k_buckets(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, T
     return index.to(torch.int32), buckets[:, :-1].to(VALUE_DTYPE), buckets[:, -1].to(VALUE_DTYPE)
 
 
-def run_teacher(teacher, input_ids: Tensor, *, k: int, temperature: float, batch_size: int,
+def run_teacher(teacher, input_ids: Tensor, position_ids: Tensor, *, k: int, temperature: float, batch_size: int,
                 autocast) -> dict[str, Tensor]:
-    """The cached tensors of `input_ids` [rows, L]: the teacher over them, batch_size rows at a time."""
+    """The cached tensors of `input_ids` [rows, L] at `position_ids` (the trainer's packed rows): the
+    teacher over them, batch_size rows at a time."""
     rows, length = input_ids.shape
     device = next(teacher.parameters()).device
     parts = []
     for i in range(0, rows, batch_size):
         with torch.inference_mode(), autocast():
-            logits = teacher(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False).logits
+            logits = teacher(input_ids=input_ids[i:i + batch_size].to(device),
+                             position_ids=position_ids[i:i + batch_size].to(device), use_cache=False).logits
         parts.append(top_k_buckets(logits.reshape(-1, logits.shape[-1]), k, temperature))
     ids, top, tail = (torch.cat(p).cpu() for p in zip(*parts))
     kk = ids.shape[-1]
@@ -178,10 +182,10 @@ def cache_stats(paths: list[Path], positions: int) -> dict:
             "mass_kept": round(mass / counted, 6) if counted else None}
 
 
-def prepare(teacher, input_ids: Tensor, root: Path, *, k: int, temperature: float, precision: str,
+def prepare(teacher, input_ids: Tensor, position_ids: Tensor, root: Path, *, k: int, temperature: float, precision: str,
             batch_size: int, autocast, rank: int = 0, processes: int = 1, wait=lambda: None,
             extra: dict | None = None, shard_rows: int | None = None) -> tuple[LogitCache, dict]:
-    """The cache of `input_ids` [rows, L] under `root`: missing shards are built (process `rank` of
+    """The cache of `input_ids` [rows, L] at `position_ids` under `root`: missing shards are built (process `rank` of
     `processes` builds every processes-th one; `wait` is the barrier between them), present ones
     are reused. Returns the reader and the figures for the run's summary."""
     settings = {"format": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher), "k": k,
@@ -191,7 +195,7 @@ def prepare(teacher, input_ids: Tensor, root: Path, *, k: int, temperature: floa
     shard_rows = shard_rows or SHARD_ROWS
     folder = Path(root) / skey[:16]
     ranges = shard_ranges(input_ids.shape[0], shard_rows)
-    keys = [shard_key(skey, input_ids[a:b]) for a, b in ranges]
+    keys = [shard_key(skey, input_ids[a:b], position_ids[a:b]) for a, b in ranges]
     paths = [folder / f"{key}{SUFFIX}" for key in keys]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     wait()  # every process has looked before any writes, so all count the same shards as built
@@ -200,7 +204,7 @@ def prepare(teacher, input_ids: Tensor, root: Path, *, k: int, temperature: floa
         if i % processes != rank:
             continue
         a, b = ranges[i]
-        tensors = run_teacher(teacher, input_ids[a:b], k=k, temperature=temperature, batch_size=batch_size,
+        tensors = run_teacher(teacher, input_ids[a:b], position_ids[a:b], k=k, temperature=temperature, batch_size=batch_size,
                               autocast=autocast)
         write_shard(paths[i], tensors, keys[i])
     wait()

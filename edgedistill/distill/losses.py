@@ -18,7 +18,10 @@ Notation: P is the teacher's next-token distribution, Q the student's, both at t
   the teacher head it was cut from (or teacher heads grouped when that is not known).
 
 Vocabulary-sized terms run over chunks of rows under torch.utils.checkpoint, so the [rows, V]
-float32 buffers of one chunk are alive at a time, never all of [B*L, V].
+float32 buffers of one chunk are alive at a time, never all of [B*L, V]. The top-k term can also
+start from the student's final hidden states (kd_loss_top_k_from_hidden, kd_loss_from_hidden): the
+lm_head is then applied inside the loss a chunk at a time, with loss and gradient taken in one pass,
+so even the student's [B, L, V] logits are never built.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 # Rows (positions) per chunk. Each chunk's float32 log-softmax buffers are recomputed in backward
-# instead of being kept, so peak memory is a few [CHUNK, V] tensors, not several [B*L, V] ones.
+# instead of being kept, so peak memory is a few [CHUNK, V] tensors, not several [B*L, V] ones. The
+# fused head loss cuts its rows the same way: smaller chunks would each pay a pass over the [V, d]
+# weight gradient (measured on 2048 rows at V = 49152: 256-row chunks ~1.5x the time of 1024-row ones).
 CHUNK_ROWS = 1024
 
 OBJECTIVES = ("forward_kl", "reverse_kl", "jsd")
@@ -294,6 +299,189 @@ def kd_loss_top_k(student_logits: Tensor, top_indices: Tensor, top_log_probs: Te
         weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
     sums = _chunked_sums(s, buckets, idx, y, weights, temperature=temperature, objective=objective, beta=beta)
     return _mix(sums, s.shape[0], student_logits, temperature, alpha)
+
+
+# ---------------------------------------------------------------- the top-k loss from the final hidden states
+# The student's [B, L, V] logits are never built: the supervised rows of its final hidden states go
+# through the lm_head weight a chunk of rows at a time, and each chunk's loss and its gradient come
+# out of one pass over its [rows, V] logits, so only CHUNK_ROWS x V values exist at a time and
+# backward recomputes nothing (it only scales the gradients by the incoming one).
+#
+# Its scratch ([rows, V]: two float32 tensors and one in the matmul's dtype, plus the weight's copy
+# in that dtype and a [V, d] product) is kept between calls: on this machine faulting in fresh
+# memory for a buffer costs more than the arithmetic that fills it (~0.8 s per GB).
+_scratch: dict[tuple, Tensor] = {}
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable scratch tensor of `shape` (a view of a kept one with at least as many rows)."""
+    key = (name, dtype, device, shape[1:])
+    held = _scratch.get(key)
+    if held is None or held.shape[0] < shape[0]:
+        held = _scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+    return held[:shape[0]]
+
+
+class _FusedHeadTopK(torch.autograd.Function):
+    """sum_r w_r D(P_r, Q_r) and sum_r CE_r over rows r of final hidden states h [rows, d], with the
+    student's logits z = h W^T, Q = softmax(z / tau) collapsed to the teacher's top-k ids plus one
+    tail bucket (P: the teacher's [rows, k + 1] bucketed log-probabilities), CE = logsumexp(z) - z_y.
+    Returns (coef_soft * soft + coef_ce * ce, soft, ce); the last two carry no gradient.
+
+    Per row, with the tail's largest logit m_t, e_v = exp((z_v - m_t) / tau) over the tail (the top-k
+    entries set to 0) and T = sum of those e_v (>= 1: the tail's largest term is 1, so nothing
+    underflows and no 1 - sum(top) cancels), the buckets are
+        log q_top = z_top / tau - log S,   log q_tail = m_t / tau + log T - log S,
+    log S the logsumexp of the k + 1 bucket terms. With g = dD/dlog q (autograd on [rows, k + 1],
+    whatever the objective) and G = sum g, the chain rule through the buckets gives
+        dD/dz_v = (g_v - q_v G) / tau                     for v in the top k,
+        dD/dz_v = (e_v / T) (g_tail - q_tail G) / tau     for v in the tail,
+    and dCE/dz = softmax(z) - onehot(y). dz W and dz^T h are the gradients of h and W.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, top_indices, log_p, labels, row_weights, coef_soft, coef_ce, temperature,
+                objective, beta, matmul_dtype):
+        device = hidden.device
+        with torch.autocast(device.type, enabled=False):  # dtypes are chosen here, not by an outer autocast
+            return _FusedHeadTopK._run(ctx, hidden, weight, top_indices, log_p, labels, row_weights, coef_soft,
+                                       coef_ce, temperature, objective, beta, matmul_dtype)
+
+    @staticmethod
+    def _run(ctx, hidden, weight, top_indices, log_p, labels, row_weights, coef_soft, coef_ce, temperature,
+             objective, beta, matmul_dtype):
+        rows, width = hidden.shape
+        vocab, device = weight.shape[0], hidden.device
+        work = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        mm = matmul_dtype or work
+        need_h, need_w = ctx.needs_input_grad[:2]
+        want_grad = need_h or need_w
+        h_mm = hidden.detach().to(mm)
+        w_mm = weight.detach() if weight.dtype == mm else \
+            _buffer("w_mm", tuple(weight.shape), mm, device).copy_(weight.detach())
+        grad_h = torch.empty(rows, width, dtype=work, device=device) if need_h else None
+        grad_w = None  # the first chunk's product, then a sum
+        soft_sum = ce_sum = torch.zeros((), dtype=work, device=device)
+        inv_tau, tiny = 1.0 / temperature, torch.finfo(work).tiny
+        for a in range(0, rows, CHUNK_ROWS):
+            b = min(a + CHUNK_ROWS, rows)
+            n = b - a
+            idx, y = top_indices[a:b], labels[a:b, None]
+            z = _buffer("z", (n, vocab), work, device)
+            z_mm = None if mm == work else _buffer("z_mm", (n, vocab), mm, device)
+            if z_mm is None:
+                torch.mm(h_mm[a:b], w_mm.t(), out=z)
+            else:
+                z.copy_(torch.mm(h_mm[a:b], w_mm.t(), out=z_mm))
+            z_top, z_y = z.gather(1, idx), z.gather(1, y)
+            # the tail's largest logit: the top k hidden for one reduction, then put back
+            m_tail = z.scatter_(1, idx, -math.inf).amax(1, keepdim=True)
+            z.scatter_(1, idx, z_top)
+            empty = m_tail == -math.inf  # k >= V: no tail at all
+            m_tail = torch.where(empty, z_top.amax(1, keepdim=True), m_tail)
+            e = torch.mul(z, inv_tau, out=_buffer("e", (n, vocab), work, device)).sub_(m_tail * inv_tau).exp_()
+            e.scatter_(1, idx, 0.0)  # top entries (may be inf above m_tail) are not tail mass
+            tail = e.sum(1, keepdim=True)
+            log_tail = torch.where(empty, -math.inf, m_tail * inv_tau + tail.log())
+            log_s = torch.logsumexp(torch.cat((z_top * inv_tau, log_tail), 1), 1, keepdim=True)
+            log_q = torch.cat((z_top * inv_tau - log_s, log_tail - log_s), 1)
+            with torch.enable_grad():
+                leaf = log_q.requires_grad_(True)
+                d = divergence(log_p[a:b].to(work), leaf, objective, beta)
+                raw = (d * row_weights[a:b]).sum() if row_weights is not None else d.sum()
+                g = torch.autograd.grad(coef_soft * raw, leaf)[0] if want_grad else None
+            m = torch.maximum(m_tail, z_top.amax(1, keepdim=True))
+            e1 = z.sub_(m).exp_()  # exp(z - max z), in z's buffer
+            s1 = e1.sum(1, keepdim=True)
+            soft_sum = soft_sum + raw.detach()
+            ce_sum = ce_sum + (s1.log() + m - z_y).sum()
+            if not want_grad:
+                continue
+            q = log_q.detach().exp()
+            big_g = g.sum(1, keepdim=True)
+            per_tail = torch.where(tail > 0, (g[:, -1:] - q[:, -1:] * big_g) * inv_tau / tail.clamp_min(tiny), 0.0)
+            dz = e.mul_(per_tail).addcmul_(e1, coef_ce / s1)
+            dz.scatter_add_(1, idx, (g[:, :-1] - q[:, :-1] * big_g) * inv_tau)
+            dz.scatter_add_(1, y, torch.full_like(z_y, -coef_ce))
+            dz = dz if z_mm is None else z_mm.copy_(dz)
+            if need_h:
+                grad_h[a:b] = torch.mm(dz, w_mm)
+            if need_w:
+                part = torch.mm(dz.t(), h_mm[a:b], out=_buffer("gw_mm", tuple(weight.shape), dz.dtype, device))
+                grad_w = part.to(work, copy=True) if grad_w is None else grad_w.add_(part)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        loss = coef_soft * soft_sum + coef_ce * ce_sum
+        ctx.mark_non_differentiable(soft_sum, ce_sum)
+        return loss, soft_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _soft, _ce):
+        grads = ctx.saved_tensors
+        # the usual incoming gradient is 1: hand the [V, d] gradient over as it is (on CPU the check is free)
+        if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+            grads = [None if g is None else g * grad_loss for g in grads]
+        return *(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), *(None,) * 10
+
+
+def _head_loss(hidden: Tensor, weight: Tensor, top_indices: Tensor, log_p: Tensor, y: Tensor,
+               weights: Tensor | None, *, temperature: float, alpha: float, objective: str, beta: float,
+               matmul_dtype: torch.dtype | None) -> tuple[Tensor, dict]:
+    """kd_loss's mix over supervised rows, the student's logits computed from `hidden` [rows, d] and
+    the lm_head `weight` [V, d] inside _FusedHeadTopK."""
+    n = hidden.shape[0]
+    if n == 0:  # a zero that still reaches both, so backward works
+        zero = (hidden.sum() + weight.sum()) * 0.0
+        return zero, {"soft": zero.detach(), "ce": zero.detach()}
+    loss, soft, ce = _FusedHeadTopK.apply(
+        hidden, weight, top_indices, log_p.detach(), y, weights, alpha * temperature**2 / n, (1.0 - alpha) / n,
+        temperature, objective, beta, matmul_dtype)
+    return loss, {"soft": soft / n, "ce": ce / n}
+
+
+def kd_loss_top_k_from_hidden(hidden: Tensor, head_weight: Tensor, top_indices: Tensor, top_log_probs: Tensor,
+                              tail_log_probs: Tensor, labels_mask: Tensor, labels: Tensor, *, temperature: float,
+                              alpha: float, objective: str = "forward_kl", beta: float = 0.5,
+                              confidence_weighting: bool = False,
+                              matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, dict]:
+    """kd_loss_top_k(hidden @ head_weight^T, ...) without the [B, L, V] logits: `hidden` [B, L, d] are
+    the student's final hidden states (what its lm_head multiplies) and `head_weight` [V, d] the
+    lm_head's weight (no bias). matmul_dtype: the dtype of the logits' and gradients' matmuls
+    (bfloat16 under bf16 mixed precision; None: float32, or float64 for float64 inputs); the
+    softmax arithmetic is float32 (float64) either way. Same value and gradient as kd_loss_top_k
+    on those logits, up to rounding."""
+    keep = labels_mask.reshape(-1).bool()
+    k = top_indices.shape[-1]
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    idx = top_indices.reshape(-1, k)[keep]
+    buckets = torch.cat((top_log_probs.reshape(-1, k), tail_log_probs.reshape(-1, 1)), dim=-1)[keep].detach()
+    y = labels.reshape(-1)[keep]
+    weights = None
+    if confidence_weighting and len(buckets):
+        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
+    return _head_loss(h, head_weight, idx, buckets, y, weights, temperature=temperature, alpha=alpha,
+                      objective=objective, beta=beta, matmul_dtype=matmul_dtype)
+
+
+def kd_loss_from_hidden(hidden: Tensor, head_weight: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
+                        labels: Tensor, *, temperature: float, alpha: float, top_k: int, objective: str = "forward_kl",
+                        beta: float = 0.5, confidence_weighting: bool = False,
+                        matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, dict]:
+    """kd_loss(hidden @ head_weight^T, teacher_logits, ..., top_k=top_k) for top_k > 0, without the
+    student's [B, L, V] logits (see kd_loss_top_k_from_hidden). The teacher's buckets and confidence
+    are taken from its logits as kd_loss takes them."""
+    if top_k <= 0:
+        raise ValueError("the fused head loss compares top-k buckets: it needs top_k > 0")
+    keep = labels_mask.reshape(-1).bool()
+    vocab = teacher_logits.shape[-1]
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    t = teacher_logits.reshape(-1, vocab)[keep].detach()
+    y = labels.reshape(-1)[keep]
+    weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
+    work = torch.promote_types(torch.promote_types(h.dtype, head_weight.dtype), torch.float32)
+    top_indices, buckets = teacher_buckets(t, top_k, temperature, work) if len(t) else (y[:, None], h.new_zeros(0, 2))
+    return _head_loss(h, head_weight, top_indices, buckets, y, weights, temperature=temperature, alpha=alpha,
+                      objective=objective, beta=beta, matmul_dtype=matmul_dtype)
 
 
 def alpha_at(step: int, steps: int, start: float, end: float, schedule: str) -> float:

@@ -11,6 +11,8 @@ from edgedistill.distill.qat import QuantSpec, learned_scales
 from edgedistill.distill.quantized import save_learned_scales
 from edgedistill.distill.losses import LossSpec
 from edgedistill.distill.trainer import TrainConfig, distill
+from edgedistill.errors import UserError
+from edgedistill import processes
 from edgedistill.formats import FORMATS
 from edgedistill.measure.quality import evaluate
 from edgedistill.progressive import split_steps
@@ -58,7 +60,9 @@ def train_config(d, steps: int, qat: QuantSpec | None, seed: int, layer_map: lis
         temperature=d.temperature, alpha=d.alpha, loss=LossSpec(**dict(d.loss)), layer_map=layer_map,
         head_map=head_map, hidden_channels=hidden_channels, qat=qat,
         qat_start_step=int(d.qat_start_fraction * steps), checkpoint_every=d.checkpoint_every, seed=seed,
-        mixed_precision=d.mixed_precision, logit_cache=d.logit_cache,
+        mixed_precision=d.mixed_precision, logit_cache=d.logit_cache, mode=d.mode,
+        on_policy_fraction=d.on_policy_fraction, on_policy_max_new_tokens=d.on_policy_max_new_tokens,
+        ema_momentum=d.ema_momentum, ema_momentum_end=d.ema_momentum_end,
     )
 
 
@@ -105,6 +109,28 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
+def extra_teachers(cfg, tok, vocab_size: int) -> list:
+    """The ensemble's other teachers (distill.teachers), resolved, checked and loaded like the
+    build's own teacher (float32, or cfg.teacher_bits); refused unless each shares `tok`, the build
+    teacher's tokenizer, and its logits' width `vocab_size`."""
+    from edgedistill import teacher as teacher_mod
+    from edgedistill.distill.modes import check_shared_tokenizer
+
+    models, named = [], [(cfg.teacher, tok)]
+    for spec in cfg.distill.teachers:
+        src = teacher_mod.resolve(spec)
+        teacher_mod.check_files(src)
+        teacher_mod.check_memory(teacher_mod.describe(src, cfg.trust_remote_code)["params"], cfg.teacher_bits)
+        model, own = teacher_mod.load(src, bits=cfg.teacher_bits, trust_remote_code=cfg.trust_remote_code)
+        check_shared_tokenizer([*named[:1], (spec, own)])
+        if model.config.vocab_size != vocab_size:
+            raise UserError(f"teachers {cfg.teacher!r} and {spec!r} share a tokenizer but not a vocabulary width "
+                            f"({vocab_size} and {model.config.vocab_size} logits): their distributions cannot be averaged")
+        models.append(model)
+        named.append((spec, own))
+    return models
+
+
 def run(ctx) -> dict:
     cfg, d = ctx.cfg, ctx.cfg.distill
     teacher, tok = ctx.session.teacher(ctx["teacher"])
@@ -114,6 +140,13 @@ def run(ctx) -> dict:
     chain = ctx["init"].summary["progressive"]
     trains_against = "assistant" if chain else "teacher"
     coach = load_student(ctx["init"].path("assistant")) if chain else teacher
+    if d.teachers:
+        if chain:
+            raise UserError("distill.teachers with a progressive build: its last stage trains against the "
+                            "intermediate student, not the teachers; use one or the other")
+        coach, trains_against = [teacher, *extra_teachers(cfg, tok, teacher.config.vocab_size)], "ensemble"
+    if d.mode != "white_box":  # no teacher runs in training: the answers' text, or the student's own EMA
+        coach, trains_against = None, {"black_box": "teacher's text", "self": "student's EMA"}[d.mode]
     steps = split_steps(d.steps, len(chain) + 1)[-1]
     if chain:
         ctx.console.print(f"  progressive stage {len(chain) + 1} of {len(chain) + 1}: distill {steps} of {d.steps} "
@@ -122,18 +155,24 @@ def run(ctx) -> dict:
     heldout = read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples]
     qat = qat_spec(cfg, ctx["plan"].summary["student"])
 
-    targets = ctx.session.teacher_targets(ctx["teacher"], heldout)
-    quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
+    # under a multi-process launch every process trains (DDP) and the main one alone measures and writes
+    main = processes.is_main()
+    if main:
+        targets = ctx.session.teacher_targets(ctx["teacher"], heldout)
+        quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
     maps = coach_maps(ctx["init"].summary)
     run_cfg = train_config(d, steps, qat, cfg.seed, maps.pop("layer_map"), **maps)
     result = distill(student, coach, train, run_cfg, ctx.dir, resume=ctx.session.resume,
                      progress=ctx.session.progress, cache_dir=logit_cache_dir(cfg),
                      cache_extra={"tokenizer": tokenizer_fingerprint(tok)} if d.logit_cache else None)
+    if not main:
+        return {}
     quality["student"] = evaluate(student, targets, heldout)
     learned = learned_scales(student, remove=True)
     student.save_pretrained(ctx.dir / "student")
     tok.save_pretrained(ctx.dir / "student")
     if learned and result["qat_ran"]:  # scales that never trained would not fit the final weights
         save_learned_scales(ctx.dir / "student", learned)
+    mode = {"mode": d.mode} | ({"teachers": [cfg.teacher, *d.teachers]} if d.teachers else {})
     return {"train": result, "quality": quality, "qat": qat.to_dict() if qat else None, "teacher_for_training": trains_against,
-            "params": sum(p.numel() for p in student.parameters())}
+            "params": sum(p.numel() for p in student.parameters()), **mode}

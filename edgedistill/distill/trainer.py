@@ -38,7 +38,7 @@ from edgedistill.distill.losses import (
     kd_loss,
     kd_loss_top_k,
 )
-from edgedistill.distill import logit_cache
+from edgedistill.distill import logit_cache, modes
 from edgedistill.distill.qat import (
     SCALE,
     QuantSpec,
@@ -78,6 +78,13 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" | "no" | "bf16" | "fp16"
     # read the teacher's top-k (loss.top_k) from a logit cache on disk instead of running it each step
     logit_cache: bool = False
+    # what the student learns from (modes.py): "white_box" the teacher's logits, "black_box" its text
+    # alone (CE on the answers), "self" an EMA of the student ("mean teacher")
+    mode: str = "white_box"
+    on_policy_fraction: float = 0.0  # GKD's lambda: the share of steps on the student's own samples
+    on_policy_max_new_tokens: int = 64
+    ema_momentum: float = 0.996  # self mode: the EMA's momentum at the first step ...
+    ema_momentum_end: float = 1.0  # ... and at the last (cosine schedule)
 
 
 def resolve_precision(requested: str) -> str:
@@ -90,7 +97,8 @@ def resolve_precision(requested: str) -> str:
 
 
 def pack_rows(examples: list[dict], seq_len: int, rows: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Pack examples into `rows` training rows: (input_ids, labels, labels_mask), each [rows, seq_len].
+    """Pack examples into `rows` training rows: (input_ids, labels, labels_mask, position_ids), each
+    [rows, seq_len].
 
     The examples are concatenated into one token stream, in a fresh seeded order each epoch,
     repeating the set until the stream is long enough. Row r covers stream tokens
@@ -100,9 +108,11 @@ def pack_rows(examples: list[dict], seq_len: int, rows: int, seed: int) -> tuple
     loss_mask[i] == 1 marks token i as one the model should learn to produce (an answer token), so
     the mask of input position t is the loss_mask of its label, token t + 1.
 
-    Packing wastes no compute on padding. Attention does cross example boundaries within a row,
-    as in GPT pretraining; each example starts with its own chat header, and the teacher sees the
-    very same context as the student, so the targets stay consistent with the inputs.
+    Packing wastes no compute on padding. position_ids restart at 0 where an example starts (a
+    row that opens mid-example continues its count), so attention stays inside each example: given
+    position_ids and no attention mask, transformers' mask builder reads the restarts as sequence
+    boundaries and makes the mask block-diagonal (masking_utils.find_packed_sequence_indices), and
+    RoPE sees each example from position 0, as at inference. Teacher and student get the same ids.
     """
     if not examples or not any(len(e["input_ids"]) for e in examples):
         raise UserError("no training examples to distill on")
@@ -113,18 +123,21 @@ def pack_rows(examples: list[dict], seq_len: int, rows: int, seed: int) -> tuple
 
     need = rows * seq_len + 1
     g = torch.Generator().manual_seed(seed)
-    stream_ids, stream_mask, have = [], [], 0
+    stream_ids, stream_mask, stream_pos, have = [], [], [], 0
     while have < need:
         for i in torch.randperm(len(examples), generator=g).tolist():
             stream_ids.append(ids[i])
             stream_mask.append(masks[i])
+            stream_pos.append(torch.arange(len(ids[i])))
             have += len(ids[i])
     stream_ids = torch.cat(stream_ids)[:need]
     stream_mask = torch.cat(stream_mask)[:need]
+    stream_pos = torch.cat(stream_pos)[:need]
 
     index = torch.arange(rows)[:, None] * seq_len + torch.arange(seq_len + 1)
-    row_ids, row_mask = stream_ids[index], stream_mask[index]
-    return row_ids[:, :-1].contiguous(), row_ids[:, 1:].contiguous(), row_mask[:, 1:].contiguous()
+    row_ids, row_mask, row_pos = stream_ids[index], stream_mask[index], stream_pos[index]
+    return (row_ids[:, :-1].contiguous(), row_ids[:, 1:].contiguous(), row_mask[:, 1:].contiguous(),
+            row_pos[:, :-1].contiguous())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -167,6 +180,8 @@ def _run_identity(cfg: TrainConfig, data: tuple[torch.Tensor, ...], world: int) 
         del fields["loss"]
     if not cfg.logit_cache:  # as before the cache existed
         del fields["logit_cache"]
+    for name in modes.idle_settings(cfg):  # mode settings at their defaults, as before the modes existed
+        del fields[name]
     # the cut's maps count only where a term reads them (and not at all when absent), so runs that
     # use neither keep the identity, and the checkpoints, they had before the maps were passed in
     used = {"layer_map": _uses_layers(cfg.loss), "head_map": cfg.loss.attention_weight > 0,
@@ -238,19 +253,97 @@ def clip_each(accelerator: Accelerator, models: list[torch.nn.Module], max_norm:
             accelerator.unscale_gradients = own
 
 
+def average_gradients(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """The mean of each gradient over the processes, as DDP would make it, in one collective."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def token_share(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor | float:
+    """This process's supervised tokens over the mean per process in the global batch; 1.0 alone.
+
+    The logit terms are means over a batch's supervised tokens, and DDP averages the processes'
+    gradients: a plain per-process mean would weigh each process's tokens by 1/(its own count).
+    Scaled by this share, the average is the one-process mean over the same global batch, so the
+    run follows the one-process run (tests/test_ddp.py). Layer terms average over every position,
+    equal in number on each process, and need no share.
+    """
+    if accelerator.num_processes == 1:
+        return 1.0
+    count = mask.sum().float()
+    total = accelerator.reduce(count.clone(), reduction="sum")
+    return count * accelerator.num_processes / total.clamp_min(1.0)
+
+
+# Architectures whose causal-LM logits are lm_head(final hidden state) and nothing more (no soft-capping,
+# scaling or bias), so the fused top-k loss may apply the lm_head itself.
+_PLAIN_HEAD_TYPES = ("llama", "mistral")
+
+
+def _fused_head(student, model, cfg: TrainConfig) -> torch.nn.Linear | None:
+    """The student's lm_head when this step's logit term is a top-k one that can run fused from the
+    final hidden states (losses.kd_loss_top_k_from_hidden: the student's [B, L, V] logits are never
+    built, only a chunk of rows at a time); None where the logits path must be kept.
+
+    The forward still goes through `student`, the prepared module: under DDP its forward is what
+    readies the gradient reduction, and the lm_head weight's gradient reaches the reducer's hooks
+    like any other. Under other wrappers (FSDP holds the weight sharded outside its forward,
+    DeepSpeed and compiled modules own their parameters' handling) the weight read here is not the
+    one the forward computes with, so they keep the logits path. An lm_head with hooks (QAT's
+    activation rounding) or a bias, or another architecture, keeps it too: the fused loss computes
+    only h W^T."""
+    if cfg.mode == "black_box" or cfg.loss.top_k <= 0:
+        return None
+    ddp = isinstance(student, torch.nn.parallel.DistributedDataParallel) and student.module is model
+    if not (student is model or ddp) or model.config.model_type not in _PLAIN_HEAD_TYPES:
+        return None
+    # transformers puts the final norm's output last in hidden_states unless told not to
+    if getattr(model.config, "tie_last_hidden_states", None) is False:
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head._forward_hooks or \
+            head._forward_pre_hooks:
+        return None
+    return head
+
+
 def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, alpha: float,
                projection, pairs: list[tuple[int, int]], head_maps: list[list[int]] | None = None,
-               cached: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, dict]:
+               cached: tuple[torch.Tensor, ...] | None = None, share: torch.Tensor | float = 1.0,
+               head: torch.nn.Linear | None = None) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch: the logit term, plus the layer terms that have a weight.
     cached: the batch's teacher top-k (ids, log-probs, tail) from the logit cache, used instead of
-    teacher_out's logits."""
+    teacher_out's logits. share: this process's token_share, which scales the logit term.
+    head: the student's lm_head (_fused_head) when student_out holds its final hidden states and no
+    logits worth reading: the top-k term then computes the logits itself, a chunk at a time."""
     spec = cfg.loss
     settings = dict(temperature=cfg.temperature, alpha=alpha, objective=spec.objective, beta=spec.jsd_beta,
                     confidence_weighting=spec.confidence_weighting)
-    if cached is not None:
+    if head is not None:
+        from edgedistill.distill.losses import kd_loss_from_hidden, kd_loss_top_k_from_hidden
+
+        # bf16 matmuls under bf16 autocast (the softmax math stays float32); float32 otherwise, fp16
+        # too: the fused loss takes its gradients in its forward, before fp16 loss scaling, where
+        # small ones would flush to zero in fp16
+        fused = dict(settings, matmul_dtype=torch.bfloat16 if resolve_precision(cfg.mixed_precision) == "bf16"
+                     else None)
+        hidden = student_out.hidden_states[-1]  # after the final norm: what the lm_head multiplies
+        if cached is not None:
+            loss, parts = kd_loss_top_k_from_hidden(hidden, head.weight, *cached, mask, labels, **fused)
+        else:
+            loss, parts = kd_loss_from_hidden(hidden, head.weight, teacher_out.logits, mask, labels,
+                                              top_k=spec.top_k, **fused)
+    elif cached is not None:
         loss, parts = kd_loss_top_k(student_out.logits, *cached, mask, labels, **settings)
     else:
         loss, parts = kd_loss(student_out.logits, teacher_out.logits, mask, labels, top_k=spec.top_k, **settings)
+    loss, parts = loss * share, {k: v * share for k, v in parts.items()}
     if spec.hidden_weight > 0:
         # hidden_states[0] is the embedding output, so layer i's output is entry i + 1
         student_hidden = [student_out.hidden_states[i + 1] for i, _ in pairs]
@@ -356,11 +449,11 @@ class _StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def _prepare_cache(accelerator: Accelerator, teacher, input_ids: torch.Tensor, cfg: TrainConfig, root: Path,
-                   extra: dict | None):
+def _prepare_cache(accelerator: Accelerator, teacher, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   cfg: TrainConfig, root: Path, extra: dict | None):
     """The run's logit cache, teacher pass done where shards are missing (in parallel across processes)."""
     return logit_cache.prepare(
-        teacher, input_ids, root, k=cfg.loss.top_k, temperature=cfg.temperature,
+        teacher, input_ids, position_ids, root, k=cfg.loss.top_k, temperature=cfg.temperature,
         precision=accelerator.mixed_precision, batch_size=cfg.batch_size, autocast=accelerator.autocast,
         rank=accelerator.process_index, processes=accelerator.num_processes, wait=accelerator.wait_for_everyone,
         extra=extra)
@@ -378,12 +471,24 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     cfg.logit_cache: the teacher's top-k comes from a logit cache under cache_dir (default
     workdir/logit-cache), built first where missing; cache_extra is more identity for its key (the
     tokenizer). The teacher then runs only when a hidden-state or attention term needs its layers.
+
+    cfg.mode and the on-policy and EMA settings choose what the student learns from (modes.py):
+    `teacher` may be a list of teachers sharing a tokenizer (their mean distribution is the target),
+    and None where no teacher is run (black_box, self).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    teachers = len(teacher) if isinstance(teacher, (list, tuple)) else 1
+    modes.check(cfg, teachers)
+    teacher = modes.combine_teachers(teacher, cfg.temperature)
+    if teacher is None and cfg.mode == "white_box":
+        raise ValueError("white_box mode distills a teacher's logits: pass the teacher")
     if cfg.logit_cache and cfg.loss.top_k <= 0:
         raise ValueError("a logit cache holds the teacher's top-k tokens: it needs loss.top_k > 0")
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision))
+    # cpu=True where torch sees no accelerator: accelerate then runs a multi-process launch (torchrun,
+    # `accelerate launch --multi_gpu`) as DDP over gloo; left to itself it would run each process alone
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(),
+                              mixed_precision=resolve_precision(cfg.mixed_precision))
     set_seed(cfg.seed)
 
     # ---- data: every row the run will see, in order; processes take alternate batches. Each batch
@@ -392,16 +497,26 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     data = pack_rows(examples, cfg.seq_len, rows, cfg.seed)
     loader = DataLoader(TensorDataset(*data, torch.arange(rows)), batch_size=cfg.batch_size, shuffle=False)
     identity = _run_identity(cfg, data, accelerator.num_processes)
+    if teachers > 1:
+        identity["teachers"] = teachers
 
     # ---- models and optimizer; norms and biases are not weight-decayed
-    teacher.eval().requires_grad_(False).to(accelerator.device)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False).to(accelerator.device)
     cache, cache_figures = None, None
     if cfg.logit_cache:  # before the student trains: the teacher pass is paid once, and its time apart
-        cache, cache_figures = _prepare_cache(accelerator, teacher, data[0], cfg,
+        cache, cache_figures = _prepare_cache(accelerator, teacher, data[0], data[3], cfg,
                                               Path(cache_dir) if cache_dir else workdir / "logit-cache", cache_extra)
     student.train()
     if cfg.qat and cfg.qat.learn_scales:
         init_learned_scales(student, cfg.qat)  # in the optimizer and the checkpoints from the start
+    # self mode: the coach is the student's moving average, saved in every checkpoint
+    ema = (modes.EmaTeacher(student, steps=cfg.steps, start=cfg.ema_momentum, end=cfg.ema_momentum_end,
+                            accelerator=accelerator) if cfg.mode == "self" else None)
+    coach = ema.model if ema is not None else teacher
+    # on-policy steps continue training prompts with the student's own samples (GKD)
+    prompts = (modes.prompt_pool(examples, cfg.seq_len, cfg.on_policy_max_new_tokens)
+               if cfg.on_policy_fraction > 0 else None)
     # the hidden-state loss's projections W_l train with the student and are checkpointed beside it
     spec = cfg.loss
     pairs = (_layer_pairs(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -423,15 +538,23 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     else:  # save_state/load_state then keep it too, as a second model
         student, projection, optimizer, loader = accelerator.prepare(student, projection, optimizer, loader)
     model = accelerator.unwrap_model(student)
+    # Fake-quant parametrizations (switched on at QAT's start, off and on around each checkpoint)
+    # give the weights new gradient accumulators, and DDP's hooks sit on the ones it saw when it
+    # wrapped the model: they would never fire again. So DDP does not reduce the student's
+    # gradients; average_gradients does, once per step, whatever the parametrizations did.
+    explicit_sync = isinstance(student, torch.nn.parallel.DistributedDataParallel)
+    if explicit_sync:
+        student.require_backward_grad_sync = False
 
     # ---- resume: weights, optimizer moments and RNG states come back with load_state
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "part_curves": {}, "qat": None}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "part_curves": {}, "qat": None,
+             "on_policy": 0}
     ckpt = _latest_checkpoint(workdir) if resume else None
     if ckpt is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta["identity"] == identity:
             accelerator.load_state(str(ckpt))
-            state = {"part_curves": {}, **meta["state"]}
+            state = {"part_curves": {}, "on_policy": 0, **meta["state"]}
             if state["qat"]:
                 enable_fake_quant(model, QuantSpec.from_dict(state["qat"]))
         else:
@@ -445,7 +568,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     # only the models' own outputs that a loss term reads are asked for
     wanted = {"use_cache": False, "output_hidden_states": spec.hidden_weight > 0,
               "output_attentions": spec.attention_weight > 0}
-    teacher_runs = cache is None or _uses_layers(spec)
+    teacher_runs = cfg.mode != "black_box" and (cache is None or _uses_layers(spec))
     with bar, _StopRequest() as stop, _attention_probabilities([model, teacher], spec.attention_weight > 0):
         task = bar.add_task("distill", total=cfg.steps, completed=state["step"], loss=None, tok_s=0.0)
         for step in range(state["step"], last):
@@ -458,21 +581,41 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            inputs, labels, mask, row_index = next(batches)
+            inputs, labels, mask, positions, row_index = next(batches)
+            on_policy = prompts is not None and modes.on_policy_step(step, cfg.on_policy_fraction, cfg.seed)
+            if on_policy:  # this step's rows: the student's own continuations of training prompts
+                inputs, labels, mask, positions = modes.on_policy_batch(
+                    model, prompts, rows=cfg.batch_size, max_new_tokens=cfg.on_policy_max_new_tokens, seed=cfg.seed,
+                    step=step, rank=accelerator.process_index, autocast=accelerator.autocast)
+                state["on_policy"] += 1
             teacher_out = None
-            if teacher_runs:
+            if teacher_runs or on_policy:  # the logit cache holds no scores for the student's samples
                 with torch.inference_mode(), accelerator.autocast():
-                    teacher_out = teacher(input_ids=inputs, **wanted)
-            cached = None if cache is None else tuple(t.to(inputs.device) for t in cache.rows(row_index.cpu()))
-            student_out = student(input_ids=inputs, **wanted)
-            alpha = alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
-            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps,
-                                     cached)
+                    teacher_out = coach(input_ids=inputs, position_ids=positions, **wanted)
+            cached = (None if cache is None or on_policy else
+                      tuple(t.to(inputs.device) for t in cache.rows(row_index.cpu())))
+            # a fused top-k term needs the final hidden states, not the [B, L, V] logits (one position kept)
+            head = _fused_head(student, model, cfg)
+            fused = {"output_hidden_states": True, "logits_to_keep": 1} if head is not None else {}
+            student_out = student(input_ids=inputs, position_ids=positions, **{**wanted, **fused})
+            # on the student's own samples the soft term alone: no cross-entropy on its own tokens
+            alpha = 1.0 if on_policy else alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
+            share = token_share(accelerator, mask)
+            if cfg.mode == "black_box":
+                loss, parts = modes.response_ce(student_out, labels, mask)
+                loss, parts = loss * share, {k: v * share for k, v in parts.items()}
+            else:
+                loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs,
+                                         head_maps, cached, share, head)
             accelerator.backward(loss)
+            if explicit_sync:
+                average_gradients(accelerator, model)
             if cfg.grad_clip > 0:
                 clip_each(accelerator, [student] if projection is None else [student, projection], cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                state["ema_momentum"] = ema.update(model, step)
 
             # one collective for the loss and its parts
             figures = accelerator.reduce(torch.stack([loss.detach(), *parts.values()]).float(), reduction="mean")
@@ -514,4 +657,10 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     }
     if cache_figures is not None:  # only with the cache on, so other runs' summaries stay as they were
         result["logit_cache"] = cache_figures
+    if cfg.mode != "white_box":
+        result["mode"] = cfg.mode
+    if prompts is not None:
+        result["on_policy_batches"] = state["on_policy"]
+    if ema is not None:  # the mean teacher's momentum at the last step run
+        result["ema_momentum"] = state.get("ema_momentum")
     return result

@@ -1,0 +1,98 @@
+"""One distill run of a tiny random teacher and student, for tests/test_ddp.py.
+
+    accelerate launch --cpu --num_processes 2 ... tests/ddp_distill.py OUT.json --global-batch 4
+    python tests/ddp_distill.py OUT.json --global-batch 4
+
+Every process builds the same models and examples from fixed seeds; each takes global_batch /
+processes rows per step, so one process and N processes train on the same global batches. The main
+process writes the run's figures and, per process, how many logit-cache shards it built to OUT.json,
+and the final student weights beside it (OUT.safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int, layers: int, hidden: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg)
+
+
+def examples(n: int, seed: int) -> list[dict]:
+    """Prompt then answer, loss on the answer: processes see different numbers of supervised tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt, answer = (int(x) for x in torch.randint(3, 12, (2,), generator=g))
+        ids = torch.randint(0, VOCAB, (prompt + answer,), generator=g).tolist()
+        out.append({"input_ids": ids, "loss_mask": [0] * prompt + [1] * answer})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--logit-cache", action="store_true")
+    args = ap.parse_args()
+
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+
+    from edgedistill.distill import logit_cache
+    from edgedistill.distill.losses import LossSpec
+    from edgedistill.distill.trainer import TrainConfig, distill
+
+    state = PartialState(cpu=not torch.accelerator.is_available())  # as the trainer makes it
+    if args.global_batch % state.num_processes:
+        sys.exit("the global batch must divide among the processes")
+    built = []
+    write_shard = logit_cache.write_shard
+    logit_cache.SHARD_ROWS = 4  # several shards, so every process has some to build
+    logit_cache.write_shard = lambda *a, **k: (built.append(1), write_shard(*a, **k))[1]
+
+    torch.set_num_threads(1)  # two processes on two cores
+    teacher, student = tiny_llama(1, 2, 64), tiny_llama(2, 1, 32)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.global_batch // state.num_processes, seq_len=24, lr=3e-3,
+                      warmup_steps=1, mixed_precision="no", checkpoint_every=10**6,
+                      loss=LossSpec(top_k=8) if args.logit_cache else LossSpec(), logit_cache=args.logit_cache)
+    work = args.out.parent / f"work-{state.num_processes}"
+    result = distill(student, teacher, examples(16, 3), cfg, work, progress=False,
+                     cache_dir=args.out.parent / "cache" if args.logit_cache else None)
+    counts = [torch.zeros(state.num_processes) for _ in range(state.num_processes)]
+    mine = torch.zeros(state.num_processes)
+    mine[state.process_index] = len(built)
+    if state.num_processes > 1:
+        torch.distributed.all_gather(counts, mine)
+    else:
+        counts = [mine]
+    if state.is_main_process:
+        figures = {k: result[k] for k in ("loss_curve", "steps", "tokens")}
+        figures["processes"] = state.num_processes
+        save_file({k: v.contiguous() for k, v in student.state_dict().items() if k != "lm_head.weight"},
+                  str(args.out.with_suffix(".safetensors")))
+        figures["shards_built_by_process"] = [int(c.sum()) for c in counts]
+        figures["logit_cache"] = result.get("logit_cache")
+        args.out.write_text(json.dumps(figures))
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        # left to interpreter exit, gloo's threads can abort the process ("terminate called without
+        # an active exception") after the work is done
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
