@@ -54,7 +54,7 @@ def main() -> None:
     from rich.console import Console
 
     from edgedistill import config as cfgmod
-    from edgedistill.build import _quiet_libraries
+    from edgedistill.build import quiet_libraries
     from edgedistill.data.teacher_answers import read_jsonl
     from edgedistill.distill.stage import qat_spec, train_config
     from edgedistill.distill.trainer import distill
@@ -66,7 +66,7 @@ def main() -> None:
     from edgedistill.stages import STAGES
     from edgedistill.targets import load_target
 
-    _quiet_libraries()
+    quiet_libraries()
     console = Console(stderr=True)
     cfg = cfgmod.resolve({"targets": [args.target], "out": args.out})
     target = load_target(args.target)

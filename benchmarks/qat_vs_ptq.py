@@ -76,7 +76,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from edgedistill import config as cfgmod
-    from edgedistill.build import _quiet_libraries
+    from edgedistill.build import quiet_libraries
     from edgedistill.data.teacher_answers import read_jsonl
     from edgedistill.distill.stage import quant_spec, train_config
     from edgedistill.distill.trainer import distill
@@ -92,7 +92,7 @@ def main() -> None:
                    "runtime.ort"):
         importlib.import_module(f"edgedistill.{module}")
 
-    _quiet_libraries()
+    quiet_libraries()
     console = Console(stderr=True)
     overrides = {"targets": [args.target], "out": args.out}
     if args.steps:
