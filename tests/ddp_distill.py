@@ -17,27 +17,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-VOCAB = 128
-
-
-def tiny_llama(seed: int, layers: int, hidden: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg)
-
-
-def examples(n: int, seed: int) -> list[dict]:
-    """Prompt then answer, loss on the answer: processes see different numbers of supervised tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        prompt, answer = (int(x) for x in torch.randint(3, 12, (2,), generator=g))
-        ids = torch.randint(0, VOCAB, (prompt + answer,), generator=g).tolist()
-        out.append({"input_ids": ids, "loss_mask": [0] * prompt + [1] * answer})
-    return out
+# the tests' own tiny models and prompt-then-answer examples (this script's folder is on sys.path):
+# answers are loss-masked, so the processes see different numbers of supervised tokens
+from test_distill import random_examples, tiny_llama
 
 
 def main() -> int:
@@ -64,12 +47,12 @@ def main() -> int:
     logit_cache.write_shard = lambda *a, **k: (built.append(1), write_shard(*a, **k))[1]
 
     torch.set_num_threads(1)  # two processes on two cores
-    teacher, student = tiny_llama(1, 2, 64), tiny_llama(2, 1, 32)
+    teacher, student = tiny_llama(1, layers=2, hidden=64), tiny_llama(2, layers=1, hidden=32)
     cfg = TrainConfig(steps=args.steps, batch_size=args.global_batch // state.num_processes, seq_len=24, lr=3e-3,
                       warmup_steps=1, mixed_precision="no", checkpoint_every=10**6,
                       loss=LossSpec(top_k=8) if args.logit_cache else LossSpec(), logit_cache=args.logit_cache)
     work = args.out.parent / f"work-{state.num_processes}"
-    result = distill(student, teacher, examples(16, 3), cfg, work, progress=False,
+    result = distill(student, teacher, random_examples(16, 3), cfg, work, progress=False,
                      cache_dir=args.out.parent / "cache" if args.logit_cache else None)
     counts = [torch.zeros(state.num_processes) for _ in range(state.num_processes)]
     mine = torch.zeros(state.num_processes)

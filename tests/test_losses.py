@@ -897,8 +897,8 @@ def test_top_k_training_runs_fused_and_matches_the_logits_path(tiny_pair, few_ex
 
     seen = []
     real_loss = losses.kd_loss_top_k_from_hidden if logit_cache else losses.kd_loss_from_hidden
-    monkeypatch.setattr(losses, real_loss.__name__, lambda hidden, *a, **k: seen.append(hidden.shape) or
-                        real_loss(hidden, *a, **k))
+    monkeypatch.setattr(trainer, real_loss.__name__, lambda hidden, *a, **k: seen.append(hidden.shape) or
+                        real_loss(hidden, *a, **k))  # the name the trainer calls
     cfg = short_run(steps=3, loss=LossSpec(top_k=16, objective="jsd", jsd_beta=0.3), alpha=0.7,
                     mixed_precision="no", logit_cache=logit_cache)
     fused = trainer.distill(student, teacher, few_examples, cfg, tmp_path / "fused", progress=False)

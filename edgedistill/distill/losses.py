@@ -242,6 +242,31 @@ def _mix(sums: Tensor, n: int, student_logits: Tensor, temperature: float, alpha
     return loss, {"soft": soft.detach(), "ce": ce.detach()}
 
 
+def _rows(x: Tensor, keep: Tensor) -> Tensor:
+    """[B, L, ...] -> the supervised positions' rows [n, ...]."""
+    return x.reshape(-1, *x.shape[2:])[keep]
+
+
+def _teacher_rows(teacher_logits: Tensor, keep: Tensor, confidence_weighting: bool) -> tuple[Tensor, Tensor | None]:
+    """The supervised positions' teacher logits [n, V] and, when asked, their confidence weights."""
+    t = _rows(teacher_logits, keep).detach()
+    weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
+    return t, weights
+
+
+def _cached_rows(top_indices: Tensor, top_log_probs: Tensor, tail_log_probs: Tensor, keep: Tensor,
+                 confidence_weighting: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The supervised positions' cached top-k ids [n, k], bucketed log-probabilities [n, k + 1] and,
+    when asked, confidence weights (the largest cached probability, at the cache's temperature)."""
+    k = top_indices.shape[-1]
+    idx = _rows(top_indices, keep)
+    buckets = torch.cat((top_log_probs.reshape(-1, k), tail_log_probs.reshape(-1, 1)), dim=-1)[keep].detach()
+    weights = None
+    if confidence_weighting and len(buckets):
+        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
+    return idx, buckets, weights
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor, labels: Tensor, *,
             temperature: float, alpha: float, objective: str = "forward_kl", beta: float = 0.5, top_k: int = 0,
             confidence_weighting: bool = False) -> tuple[Tensor, dict]:
@@ -262,12 +287,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
     loss and the detached components {"soft": D without tau^2, "ce"}.
     """
     keep = labels_mask.reshape(-1).bool()
-    vocab = student_logits.shape[-1]
     # Only supervised positions take part: gathering them first also skips work on prompt tokens.
-    s = student_logits.reshape(-1, vocab)[keep]
-    t = teacher_logits.reshape(-1, vocab)[keep].detach()
-    y = labels.reshape(-1)[keep]
-    weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
+    s, y = _rows(student_logits, keep), _rows(labels, keep)
+    t, weights = _teacher_rows(teacher_logits, keep, confidence_weighting)
     top_indices = None
     if top_k and len(t):  # the teacher's buckets once, not again in the backward pass of each checkpointed chunk
         top_indices, t = teacher_buckets(t, top_k, temperature, torch.promote_types(s.dtype, torch.float32))
@@ -289,14 +311,8 @@ def kd_loss_top_k(student_logits: Tensor, top_indices: Tensor, top_log_probs: Te
     it is taken at that temperature too (kd_loss takes it at temperature 1).
     """
     keep = labels_mask.reshape(-1).bool()
-    vocab, k = student_logits.shape[-1], top_indices.shape[-1]
-    s = student_logits.reshape(-1, vocab)[keep]
-    idx = top_indices.reshape(-1, k)[keep]
-    buckets = torch.cat((top_log_probs.reshape(-1, k), tail_log_probs.reshape(-1, 1)), dim=-1)[keep].detach()
-    y = labels.reshape(-1)[keep]
-    weights = None
-    if confidence_weighting and len(buckets):
-        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
+    s, y = _rows(student_logits, keep), _rows(labels, keep)
+    idx, buckets, weights = _cached_rows(top_indices, top_log_probs, tail_log_probs, keep, confidence_weighting)
     sums = _chunked_sums(s, buckets, idx, y, weights, temperature=temperature, objective=objective, beta=beta)
     return _mix(sums, s.shape[0], student_logits, temperature, alpha)
 
@@ -451,14 +467,8 @@ def kd_loss_top_k_from_hidden(hidden: Tensor, head_weight: Tensor, top_indices: 
     softmax arithmetic is float32 (float64) either way. Same value and gradient as kd_loss_top_k
     on those logits, up to rounding."""
     keep = labels_mask.reshape(-1).bool()
-    k = top_indices.shape[-1]
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    idx = top_indices.reshape(-1, k)[keep]
-    buckets = torch.cat((top_log_probs.reshape(-1, k), tail_log_probs.reshape(-1, 1)), dim=-1)[keep].detach()
-    y = labels.reshape(-1)[keep]
-    weights = None
-    if confidence_weighting and len(buckets):
-        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
+    h, y = _rows(hidden, keep), _rows(labels, keep)
+    idx, buckets, weights = _cached_rows(top_indices, top_log_probs, tail_log_probs, keep, confidence_weighting)
     return _head_loss(h, head_weight, idx, buckets, y, weights, temperature=temperature, alpha=alpha,
                       objective=objective, beta=beta, matmul_dtype=matmul_dtype)
 
@@ -473,11 +483,8 @@ def kd_loss_from_hidden(hidden: Tensor, head_weight: Tensor, teacher_logits: Ten
     if top_k <= 0:
         raise ValueError("the fused head loss compares top-k buckets: it needs top_k > 0")
     keep = labels_mask.reshape(-1).bool()
-    vocab = teacher_logits.shape[-1]
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    t = teacher_logits.reshape(-1, vocab)[keep].detach()
-    y = labels.reshape(-1)[keep]
-    weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
+    h, y = _rows(hidden, keep), _rows(labels, keep)
+    t, weights = _teacher_rows(teacher_logits, keep, confidence_weighting)
     work = torch.promote_types(torch.promote_types(h.dtype, head_weight.dtype), torch.float32)
     top_indices, buckets = teacher_buckets(t, top_k, temperature, work) if len(t) else (y[:, None], h.new_zeros(0, 2))
     return _head_loss(h, head_weight, top_indices, buckets, y, weights, temperature=temperature, alpha=alpha,

@@ -116,18 +116,17 @@ def extra_teachers(cfg, tok, vocab_size: int) -> list:
     from edgedistill import teacher as teacher_mod
     from edgedistill.distill.modes import check_shared_tokenizer
 
-    models, named = [], [(cfg.teacher, tok)]
+    models = []
     for spec in cfg.distill.teachers:
         src = teacher_mod.resolve(spec)
         teacher_mod.check_files(src)
         teacher_mod.check_memory(teacher_mod.describe(src, cfg.trust_remote_code)["params"], cfg.teacher_bits)
         model, own = teacher_mod.load(src, bits=cfg.teacher_bits, trust_remote_code=cfg.trust_remote_code)
-        check_shared_tokenizer([*named[:1], (spec, own)])
+        check_shared_tokenizer([(cfg.teacher, tok), (spec, own)])
         if model.config.vocab_size != vocab_size:
             raise UserError(f"teachers {cfg.teacher!r} and {spec!r} share a tokenizer but not a vocabulary width "
                             f"({vocab_size} and {model.config.vocab_size} logits): their distributions cannot be averaged")
         models.append(model)
-        named.append((spec, own))
     return models
 
 
@@ -140,10 +139,7 @@ def run(ctx) -> dict:
     chain = ctx["init"].summary["progressive"]
     trains_against = "assistant" if chain else "teacher"
     coach = load_student(ctx["init"].path("assistant")) if chain else teacher
-    if d.teachers:
-        if chain:
-            raise UserError("distill.teachers with a progressive build: its last stage trains against the "
-                            "intermediate student, not the teachers; use one or the other")
+    if d.teachers:  # never with a progressive chain: the config refuses the two together
         coach, trains_against = [teacher, *extra_teachers(cfg, tok, teacher.config.vocab_size)], "ensemble"
     if d.mode != "white_box":  # no teacher runs in training: the answers' text, or the student's own EMA
         coach, trains_against = None, {"black_box": "teacher's text", "self": "student's EMA"}[d.mode]

@@ -36,7 +36,9 @@ from edgedistill.distill.losses import (
     attention_transfer,
     hidden_state_mse,
     kd_loss,
+    kd_loss_from_hidden,
     kd_loss_top_k,
+    kd_loss_top_k_from_hidden,
 )
 from edgedistill.distill import logit_cache, modes
 from edgedistill.distill.qat import (
@@ -317,7 +319,8 @@ def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tenso
                projection, pairs: list[tuple[int, int]], head_maps: list[list[int]] | None = None,
                cached: tuple[torch.Tensor, ...] | None = None, share: torch.Tensor | float = 1.0,
                head: torch.nn.Linear | None = None) -> tuple[torch.Tensor, dict]:
-    """The training loss of one batch: the logit term, plus the layer terms that have a weight.
+    """The training loss of one batch: the logit term (black_box: cross-entropy on the teacher's text),
+    plus the layer terms that have a weight.
     cached: the batch's teacher top-k (ids, log-probs, tail) from the logit cache, used instead of
     teacher_out's logits. share: this process's token_share, which scales the logit term.
     head: the student's lm_head (_fused_head) when student_out holds its final hidden states and no
@@ -325,9 +328,9 @@ def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tenso
     spec = cfg.loss
     settings = dict(temperature=cfg.temperature, alpha=alpha, objective=spec.objective, beta=spec.jsd_beta,
                     confidence_weighting=spec.confidence_weighting)
-    if head is not None:
-        from edgedistill.distill.losses import kd_loss_from_hidden, kd_loss_top_k_from_hidden
-
+    if cfg.mode == "black_box":  # the teacher's text alone: CE on the answers, no layer terms (config refuses them)
+        loss, parts = modes.response_ce(student_out, labels, mask)
+    elif head is not None:
         # bf16 matmuls under bf16 autocast (the softmax math stays float32); float32 otherwise, fp16
         # too: the fused loss takes its gradients in its forward, before fp16 loss scaling, where
         # small ones would flush to zero in fp16
@@ -600,13 +603,8 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             student_out = student(input_ids=inputs, position_ids=positions, **{**wanted, **fused})
             # on the student's own samples the soft term alone: no cross-entropy on its own tokens
             alpha = 1.0 if on_policy else alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
-            share = token_share(accelerator, mask)
-            if cfg.mode == "black_box":
-                loss, parts = modes.response_ce(student_out, labels, mask)
-                loss, parts = loss * share, {k: v * share for k, v in parts.items()}
-            else:
-                loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs,
-                                         head_maps, cached, share, head)
+            loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps,
+                                     cached, token_share(accelerator, mask), head)
             accelerator.backward(loss)
             if explicit_sync:
                 average_gradients(accelerator, model)
