@@ -149,6 +149,35 @@ def measured_kv_tokens(measured: dict) -> float:
     return measured["prompt_tokens"] + generated / 2
 
 
+def failure_flags(ctx, fmt: str) -> list[dict]:
+    """The failure-mode flags as checks of one artifact: capability collapse on the artifact's own
+    per-category figures (its runtime's, from the profile stage), and the evaluate stage's flags of
+    the float student it was cut from (reasoning degradation, degeneration).
+
+    A raised flag (`raised`) warns, as an untrusted projection does: what the student lost is a
+    finding, not a broken budget, so it fails the build only under --strict, where it must not pass."""
+    from edgedistill.evaluate.scorecard import by_category
+    from edgedistill.evaluate.stage import collapse_flag
+
+    teacher = ctx["distill"].summary["quality"]["teacher"]
+    cats = by_category(ctx["profile"].summary["quality"][fmt], teacher)
+    flags = [collapse_flag(cats, ctx.cfg.eval.collapse_ratio, fmt),
+             *(f for f in ctx["evaluate"].summary["flags"] if f["name"] != "capability_collapse")]
+    out = []
+    for f in flags:
+        f = {**f, "raised": not f["ok"]}
+        if f["raised"]:
+            f["ok"] = not ctx.cfg.strict
+            f["message"] += "; fails under --strict" if ctx.cfg.strict else " (a warning; --strict fails on it)"
+        out.append(f)
+    return out
+
+
+def raised_flags(checks: list[dict]) -> list[str]:
+    """The messages of the flags raised but passed as warnings (not under --strict), for the CLI."""
+    return [c["message"] for c in checks if c.get("raised") and c.get("ok")]
+
+
 def run(ctx) -> dict:
     """Stage `budget`: check the projection model on this host, project every artifact to the target and
     check each budget, with margins (and, under --strict, the model's host error)."""
@@ -169,7 +198,7 @@ def run(ctx) -> dict:
                                              kv_bytes_per_token=kvt, kv_tokens=measured_kv_tokens(measured))
         validation = projection.validate_on_host(on_host, measured, calibration=calibration, target=ctx.target)
         checks = check_artifact(ctx.target, artifact_bytes=art["bytes"], projected=proj, footprint=proj["footprint"])
-        checks = apply_host_trust(checks, validation, strict=ctx.cfg.strict)
+        checks = apply_host_trust(checks, validation, strict=ctx.cfg.strict) + failure_flags(ctx, fmt)
         results[fmt] = {"projected": proj, "host_validation": validation, "checks": checks, "ok": all_ok(checks)}
     return {"artifacts": results, "ok": all(r["ok"] for r in results.values()), "strict": ctx.cfg.strict,
             "calibration": {"host": calibration,

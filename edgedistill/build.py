@@ -146,6 +146,8 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
     if processes.launched() and cfg.plan.progressive:
         # the init stage trains its intermediates on the main process alone, while the others wait
         raise UserError("--progressive is not supported under a multi-process launch; run it in one process")
+    if processes.launched() and cfg.distill.refine_rounds:
+        raise UserError("--refine is not supported under a multi-process launch; run it in one process")
     for f in cfg.data.prompts:
         load_user_file(Path(f))
     info, plans = plan_all(cfg, targets)
@@ -172,6 +174,8 @@ def build(cfg: BuildConfig, *, resume: bool = False, dry: bool = False, progress
         console.print(f"{verdict} {target.name}: {final}/report.md")
         for line in rep.get("failed", []):
             console.print(f"  [red]✗[/red] {line}")
+        for line in rep.get("flags", []):  # what the student lost: warnings unless --strict
+            console.print(f"  [yellow]![/yellow] {escape(line)}", highlight=False)
         trust = records["budget"].summary["calibration"]
         if not trust["trusted"]:
             console.print(f"  [yellow]![/yellow] {escape(trust['message'])}" + ("" if cfg.strict else

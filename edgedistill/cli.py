@@ -78,6 +78,9 @@ def build(
     extra_teacher: List[str] = typer.Option(
         None, "--extra-teacher", help="another teacher sharing the tokenizer: distill from the mean of their "
                                       "distributions; repeatable"),
+    refine: Optional[int] = typer.Option(
+        None, help="rounds of evaluate, more teacher answers for the weakest categories (oversampled) and distill "
+                   "again; each round's per-category retention goes in the report (default 0)"),
     qat_activations: Optional[bool] = typer.Option(
         None, "--qat-activations/--no-qat-activations",
         help="QAT also models the runtime's int8 rounding of matmul inputs (default on)"),
@@ -127,7 +130,7 @@ def build(
                     "loss": {"objective": loss, "jsd_beta": jsd_beta, "hidden_weight": hidden_weight,
                              "attention_weight": attention_weight, "top_k": top_k},
                     "qat_learn_scales": learn_scales, "mode": mode, "on_policy_fraction": on_policy,
-                    "teachers": list(extra_teacher) if extra_teacher else None},
+                    "teachers": list(extra_teacher) if extra_teacher else None, "refine_rounds": refine},
         "export": {"onnx_block_size": onnx_block_size,
                    "onnx_symmetric": None if onnx_asymmetric is None else not onnx_asymmetric,
                    "onnx_int8_per_channel": onnx_int8_per_channel},

@@ -168,6 +168,15 @@ class DistillConfig(_Section):
     on_policy_max_new_tokens: int = Field(64, gt=0, description="tokens the student samples per on-policy prompt")
     ema_momentum: float = Field(0.996, ge=0, le=1, description="self mode: EMA momentum at the first step")
     ema_momentum_end: float = Field(1.0, ge=0, le=1, description="self mode: EMA momentum at the last step (cosine)")
+    # Refinement (distill/refine.py): rounds of evaluate -> more teacher data for the weakest categories,
+    # oversampled -> distill again. Left out of the dumped config at their defaults, like the modes.
+    refine_rounds: int = Field(0, ge=0, description="rounds of evaluate, more teacher data for the weakest "
+                               "categories and distill again (--refine N)")
+    refine_categories: int = Field(2, gt=0, description="weakest categories (lowest retention) a round adds data for")
+    refine_steps: Optional[int] = Field(None, gt=0, description="training steps per round (default: half of steps)")
+    refine_samples: int = Field(2, gt=0, description="new sampled teacher answers per train prompt of a weak category")
+    refine_oversample: int = Field(2, gt=0, description="times a weak category's examples are repeated in a round")
+    refine_temperature: float = Field(0.8, gt=0, description="sampling temperature of the new teacher answers")
 
     @model_validator(mode="after")
     def _cache_needs_top_k(self):
@@ -218,7 +227,8 @@ class DistillConfig(_Section):
 
 
 _MODE_FIELDS = ("mode", "teachers", "on_policy_fraction", "on_policy_max_new_tokens", "ema_momentum",
-                "ema_momentum_end")
+                "ema_momentum_end", "refine_rounds", "refine_categories", "refine_steps", "refine_samples",
+                "refine_oversample", "refine_temperature")
 
 
 class ExportConfig(_Section):
@@ -235,6 +245,25 @@ class EvalConfig(_Section):
     parity_kl: float = Field(1e-3, ge=0, description="gate: largest mean KL(fake-quant student || artifact)")
     profile_new_tokens: int = Field(32, gt=1)
     profile_repeats: int = Field(3, gt=0)
+    # The evaluate stage (evaluate/stage.py): what the student kept, per capability
+    tasks_per_family: int = Field(8, gt=0, description="checkable tasks per family (evaluate/tasks.py)")
+    task_max_new_tokens: int = Field(32, gt=0, description="tokens generated for a direct answer")
+    task_step_by_step_tokens: int = Field(128, gt=0, description="tokens generated for a step-by-step answer")
+    generalization_examples: int = Field(16, gt=0, description="sequences of the generalization corpus scored")
+    calibration_bins: int = Field(15, gt=1, description="bins of the reliability diagram and ECE")
+    speculative_k: int = Field(4, gt=0, description="draft tokens per step when the student drafts for the teacher")
+    speculative_prompts: int = Field(4, gt=0, description="held-out prompts timed for the speculative speed-up")
+    speculative_new_tokens: int = Field(32, gt=1, description="tokens generated per speculative prompt")
+    # failure-mode flags: each is a check in the budget verdict
+    collapse_ratio: float = Field(0.4, ge=0, le=1, description="flag a category whose retention (top-1 agreement "
+                                  "with the teacher) is below this share of the mean retention over categories")
+    reasoning_drop: float = Field(0.15, ge=0, le=1, description="flag when the student loses this much more "
+                                  "step-by-step accuracy than direct accuracy (teacher minus student), and its "
+                                  "step-by-step loss is beyond the paired 95% interval")
+    max_loop_fraction: float = Field(0.25, ge=0, le=1, description="flag when the share of the student's answers "
+                                     "holding a repeated n-gram loop exceeds the teacher's by more than this")
+    min_distinct_2_ratio: float = Field(0.5, ge=0, le=1, description="flag when the student's distinct-2 (unique "
+                                        "bigrams / bigrams) falls below this share of the teacher's")
 
 
 class BuildConfig(_Section):

@@ -1,6 +1,7 @@
 """One build on several processes, as `accelerate launch` (or torchrun) starts it.
 
-The distill stage trains on every process (DDP; trainer.py). Every other stage runs on the main
+The distill stage trains on every process (DDP, or FSDP under `accelerate launch --use_fsdp`;
+trainer.py). Every other stage runs on the main
 process alone while the others wait at a barrier and then read its result from the stage cache, as
 a re-run would; only the main process publishes and prints. A build started without a launcher
 (WORLD_SIZE unset or 1) takes none of these paths.
@@ -20,6 +21,14 @@ BARRIER_TIMEOUT = timedelta(hours=48)
 
 def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def fsdp_requested() -> bool:
+    """Whether the launch asked for FSDP (`accelerate launch --use_fsdp`, or a config file with
+    distributed_type FSDP: the launcher turns both into this variable). Read from the environment
+    because accelerate's own state ignores the request on CPU processes (MULTI_CPU), where the
+    trainer still shards the student itself."""
+    return launched() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 @functools.cache

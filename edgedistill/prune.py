@@ -289,6 +289,7 @@ def run(ctx) -> dict:
     """
     from edgedistill import progressive
     from edgedistill.data.teacher_answers import read_jsonl
+    from edgedistill.measure.quality import heldout_examples
 
     teacher, tok = ctx.session.teacher(ctx["teacher"])
     plan = ctx["plan"].summary["student"]
@@ -302,7 +303,7 @@ def run(ctx) -> dict:
         source, source_lineage, stages = progressive.run_chain(
             teacher, chain, cfg=cfg, calib=calib, context=plan["context"],
             train=train,
-            heldout=read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples],
+            heldout=heldout_examples(read_jsonl(ctx["data"].path("heldout_tokens.jsonl")), cfg.eval.max_examples),
             workdir=ctx.dir, resume=ctx.session.resume, progress=ctx.session.progress, say=ctx.console.print)
         _save(source, tok, ctx.dir / "assistant")
     student, info = cut(source, plan["shape"], plan["context"], calib)

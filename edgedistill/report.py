@@ -284,7 +284,17 @@ def _check_row(c: dict) -> list[str]:
     op = _OP_SIGNS.get(c.get("op"), c.get("op") or "")
     return [_CHECK_TITLES.get(c.get("name"), str(c.get("name"))) + f" (`{c.get('name')}`)",
             _f(c.get("value"), unit), f"{op} {_f(c.get('limit'), unit)}".strip(),
-            fmt_pct(_num(c.get("margin_pct"))), str(c.get("basis") or "n/a"), "ok" if c.get("ok") else "FAIL"]
+            fmt_pct(_num(c.get("margin_pct"))), str(c.get("basis") or "n/a"),
+            _check_word(c)]
+
+
+def _check_word(c: dict) -> str:
+    """ok, FAIL, or FLAG: a failure-mode flag raised but passed as a warning (budget.failure_flags)."""
+    return ("FLAG" if c.get("raised") else "ok") if c.get("ok") else "FAIL"
+
+
+def _check_class(c: dict) -> str:
+    return ("warn" if c.get("raised") else "pass") if c.get("ok") else "fail"
 
 
 def _host_rows(h: dict) -> list[list[str]]:
@@ -547,6 +557,18 @@ def _md_calibration(r: dict) -> list[str]:
     return lines
 
 
+def _evaluation_md(r: dict) -> list[str]:
+    from edgedistill.evaluate.render import markdown
+
+    return markdown(r.get("evaluation") or {})
+
+
+def _evaluation_html(r: dict) -> list[str]:
+    from edgedistill.evaluate.render import html
+
+    return html(r.get("evaluation") or {})
+
+
 def to_markdown(report: dict) -> str:
     r = _normalize(report)
     head, failed = _summary_line(r)
@@ -574,7 +596,7 @@ def to_markdown(report: dict) -> str:
         if a["checks"]:
             lines += [_md_table(["Check", "Value", "Limit", "Margin", "Basis", "Result"],
                                 [_check_row(c) for c in a["checks"]]), ""]
-            lines += [f"- {'ok' if c.get('ok') else 'FAIL'}: {c.get('message') or c.get('name')}" for c in a["checks"]]
+            lines += [f"- {_check_word(c)}: {c.get('message') or c.get('name')}" for c in a["checks"]]
             lines.append("")
         if a["parity"]:
             lines += [_parity_text(a["parity"]), ""]
@@ -595,6 +617,7 @@ def to_markdown(report: dict) -> str:
     qrows = _quality_rows(cols)
     lines += [_md_table(["Metric"] + [label for label, _ in cols], qrows) if qrows
               else "No quality figures were recorded.", ""]
+    lines += _evaluation_md(r)
     if r["progressive"]:
         lines += ["## Progressive compression", "", _PROGRESSIVE_NOTE, "",
                   _md_table(_PROGRESSIVE_HEADERS, _progressive_rows(r["progressive"])), ""]
@@ -623,7 +646,7 @@ h3{margin-top:1.6rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
 th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;vertical-align:top}
 th{background:#f6f8fa}
-.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}.warn{color:#9a6700;font-weight:600}
 .banner{padding:.7rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
 .banner.pass{background:#dafbe1;border:1px solid #1a7f37}.banner.fail{background:#ffebe9;border:1px solid #cf222e}
 .banner.none{background:#f6f8fa;border:1px solid #d0d7de}
@@ -891,12 +914,12 @@ def to_html(report: dict) -> str:
             rows = []
             for c in a["checks"]:
                 cells = [_e(x) for x in _check_row(c)]
-                cells[-1] = f'<span class="{"pass" if c.get("ok") else "fail"}">{cells[-1]}</span>'
+                cells[-1] = f'<span class="{_check_class(c)}">{cells[-1]}</span>'
                 rows.append(cells)
             body.append(_html_table(["Check", "Value", "Limit", "Margin", "Basis", "Result"], rows,
                                     raw_cols=tuple(range(6))))
             body.append("<ul>" + "".join(
-                f'<li class="{"pass" if c.get("ok") else "fail"}">{_e(c.get("message") or c.get("name"))}</li>'
+                f'<li class="{_check_class(c)}">{_e(c.get("message") or c.get("name"))}</li>'
                 for c in a["checks"]) + "</ul>")
         if a["parity"]:
             body.append(f"<p>{_e(_parity_text(a['parity']))}</p>")
@@ -919,6 +942,7 @@ def to_html(report: dict) -> str:
         body += [_svg_quality(cols), _html_table(["Metric"] + [label for label, _ in cols], qrows)]
     else:
         body.append("<p>No quality figures were recorded.</p>")
+    body += _evaluation_html(r)
     if r["progressive"]:
         body += ["<h2>Progressive compression</h2>", f"<p>{_e(_PROGRESSIVE_NOTE)}</p>",
                  _html_table(_PROGRESSIVE_HEADERS, _progressive_rows(r["progressive"]))]
@@ -1088,6 +1112,7 @@ def run(ctx) -> dict:
         "training": distilled["train"],
         "progressive": progressive_stages(teacher, ctx["init"].summary, distilled, plan),
         "artifacts": artifacts,
+        "evaluation": evaluation_section(distilled, artifacts, ctx["evaluate"].summary),
         "target_profile": ctx.target.model_dump(mode="json"),
         "host": ctx["profile"].summary.get("host") or host_info(),
         "calibration": ctx["budget"].summary["calibration"],
@@ -1100,7 +1125,14 @@ def run(ctx) -> dict:
     write_reports(report, ctx.dir)
     atomic.write_json(ctx.dir / MANIFEST, manifest_for(report, ctx.upstream, ctx.dir / JSON_NAME))
     failed = [f"{a['file']}: {c.get('message') or c['name']}" for a in artifacts for c in a["checks"] if not c["ok"]]
-    return {"ok": ok, "failed": failed}
+    warned = sorted({c["message"] for a in artifacts for c in a["checks"] if c.get("raised") and c.get("ok")})
+    return {"ok": ok, "failed": failed, "flags": warned}
+
+
+def evaluation_section(distilled: dict, artifacts: list[dict], evaluated: dict) -> dict:
+    from edgedistill.evaluate.render import section
+
+    return section(distilled, artifacts, evaluated)
 
 
 def progressive_stages(teacher: dict, init: dict, distilled: dict, plan: dict) -> list[dict]:

@@ -107,6 +107,17 @@ max_examples = 4
 verify_tokens = 48
 profile_new_tokens = 4
 profile_repeats = 1
+tasks_per_family = 1
+task_max_new_tokens = 4
+task_step_by_step_tokens = 8
+generalization_examples = 2
+speculative_prompts = 1
+speculative_new_tokens = 4
+# a random tiny teacher has no capabilities to keep: the flags are tested on their own (test_evaluate.py)
+collapse_ratio = 0.0
+reasoning_drop = 1.0
+max_loop_fraction = 1.0
+min_distinct_2_ratio = 0.0
 ''')
     return cfg
 

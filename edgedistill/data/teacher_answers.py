@@ -23,7 +23,7 @@ def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) ->
     return [int(t) for t in out]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     ids: list[int] = []
     for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         for t in (src if isinstance(src, (list, tuple)) else [src]):
@@ -35,8 +35,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def generate_answers(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, batch_size: int,
-                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """The teacher's greedy answer to each prompt, in input order.
+                     progress: Callable[[int, int], None] | None = None,
+                     sample: tuple[float, int] | None = None) -> list[dict]:
+    """The teacher's greedy answer to each prompt, in input order; sample=(temperature, seed) samples
+    instead (refinement's extra answers), from a random state of its own so the caller's is untouched.
 
     Each record is ``{"id", "category", "messages", "answer", "finished"}``; ``finished`` is False when the
     answer hit ``max_new_tokens`` before the end-of-turn token. ``user_text`` prompts are not answered: their
@@ -60,14 +62,18 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], *, max_new_tokens:
     if progress is not None:
         progress(done, total)
 
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     todo.sort(key=lambda t: len(t[1]))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    decoding = ({"do_sample": False, "temperature": None} if sample is None else
+                {"do_sample": True, "temperature": sample[0]})
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            if sample is not None:
+                torch.manual_seed(sample[1])
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 width = max(len(ids) for _, ids in batch)
@@ -78,8 +84,7 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], *, max_new_tokens:
                     attention[row, width - len(ids):] = 1
                 out = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                    temperature=None, top_p=None, top_k=None,
+                    max_new_tokens=max_new_tokens, num_beams=1, top_p=None, top_k=None, **decoding,
                     eos_token_id=eos, pad_token_id=pad,
                 )
                 new = out[:, width:].tolist()

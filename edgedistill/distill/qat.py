@@ -22,6 +22,7 @@ and the verify stage's float32 reference are exact.
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from torch import Tensor, nn
@@ -199,10 +200,14 @@ def enable_fake_quant(model: nn.Module, spec: QuantSpec | str, group_bits: dict 
     `spec` may be a format name (then group_bits applies, nothing else). register_parametrization
     moves the existing Parameter object to `parametrizations.weight.original`, so an optimizer
     built before this call keeps training it, and a tied embedding / lm_head (one Parameter in two
-    modules, both in the "embed" group) stays a single tensor.
+    modules, both in the "embed" group) stays a single tensor. On an FSDP-sharded model the modules'
+    forwards apply the same fake-quant instead (_enable_in_forward).
     """
     spec = spec if isinstance(spec, QuantSpec) else QuantSpec(spec, group_bits)
     disable_fake_quant(model)
+    if _fsdp_sharded(model):
+        _enable_in_forward(model, spec)
+        return
     owners = _owners(model)
     for name, module in quantized_modules(model):
         scheme = spec.scheme(name)
@@ -216,11 +221,56 @@ def enable_fake_quant(model: nn.Module, spec: QuantSpec | str, group_bits: dict 
             module._edgedistill_act_hook = handle
 
 
+# Under FSDP (torch's fully_shard) the weights are registered by module and name, sharded between
+# forwards and all-gathered into the same names for each forward: a parametrization would move them
+# out from under it. There the quantized modules compute with the fake-quant weight in their forward
+# instead, from the unsharded weight FSDP has gathered for it; the straight-through gradient reaches
+# that weight and FSDP reduce-scatters it as usual, and the registered parameters are never touched
+# (checkpoints hold the float masters either way). The values are those of the parametrization:
+# the same FakeQuant of the same weight, and F.linear / F.embedding as the modules' own forwards.
+_IN_FORWARD = "_edgedistill_fake_quant_forward"
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _linear_forward(module: nn.Linear, input: Tensor) -> Tensor:
+    return nn.functional.linear(input, module.__dict__[_IN_FORWARD](module.weight), module.bias)
+
+
+def _embedding_forward(module: nn.Embedding, input: Tensor) -> Tensor:
+    return nn.functional.embedding(input, module.__dict__[_IN_FORWARD](module.weight), module.padding_idx,
+                                   module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+
+
+def _enable_in_forward(model: nn.Module, spec: QuantSpec) -> None:
+    if spec.learn_scales:
+        # the learned scales are parameters of their own, sharded beside the weights, that
+        # init_learned_scales re-initialises from the (sharded) master weights: not done here
+        raise ValueError("learn_scales does not run on an FSDP-sharded model")
+    for name, module in quantized_modules(model):
+        scheme = spec.scheme(name)
+        module.__dict__[_IN_FORWARD] = FakeQuant(scheme, spec)  # not a submodule: state and children stay as they are
+        # bound methods: a deep copy of the module gets a forward bound to the copy
+        module.forward = types.MethodType(_linear_forward if isinstance(module, nn.Linear) else _embedding_forward,
+                                          module)
+        if spec.act and isinstance(module, nn.Linear):
+            handle = module.register_forward_pre_hook(_act_hook(spec.runtime, _act_block(scheme, module.in_features)))
+            module._edgedistill_act_hook = handle
+
+
 def disable_fake_quant(model: nn.Module) -> None:
     """Undo enable_fake_quant: the modules hold their float master weights again, same objects."""
     for _, module in quantized_modules(model):
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        if module.__dict__.pop(_IN_FORWARD, None) is not None:
+            del module.forward  # the class's own forward again
         handle = module.__dict__.pop("_edgedistill_act_hook", None)
         if handle is not None:
             handle.remove()
@@ -231,6 +281,8 @@ def fake_quant_spec(model: nn.Module) -> QuantSpec | None:
     for _, module in quantized_modules(model):
         if parametrize.is_parametrized(module, "weight"):
             return module.parametrizations.weight[0].spec
+        if _IN_FORWARD in module.__dict__:
+            return module.__dict__[_IN_FORWARD].spec
     return None
 
 

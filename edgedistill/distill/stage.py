@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from edgedistill.data.teacher_answers import read_jsonl
@@ -14,7 +15,7 @@ from edgedistill.distill.trainer import TrainConfig, distill
 from edgedistill.errors import UserError
 from edgedistill import processes
 from edgedistill.formats import FORMATS
-from edgedistill.measure.quality import evaluate
+from edgedistill.measure.quality import evaluate, heldout_examples
 from edgedistill.progressive import split_steps
 from edgedistill.prune import Lineage
 
@@ -148,14 +149,15 @@ def run(ctx) -> dict:
         ctx.console.print(f"  progressive stage {len(chain) + 1} of {len(chain) + 1}: distill {steps} of {d.steps} "
                           f"steps against the assistant (intermediate {len(chain)})")
     train = read_jsonl(ctx["data"].path("train_tokens.jsonl"))
-    heldout = read_jsonl(ctx["data"].path("heldout_tokens.jsonl"))[: cfg.eval.max_examples]
+    heldout = heldout_examples(read_jsonl(ctx["data"].path("heldout_tokens.jsonl")), cfg.eval.max_examples)
     qat = qat_spec(cfg, ctx["plan"].summary["student"])
 
     # under a multi-process launch every process trains (DDP) and the main one alone measures and writes
     main = processes.is_main()
     if main:
         targets = ctx.session.teacher_targets(ctx["teacher"], heldout)
-        quality = {"teacher": evaluate(teacher, targets, heldout), "student_init": evaluate(student, targets, heldout)}
+        quality = {"teacher": evaluate(teacher, targets, heldout, by_category=True),
+                   "student_init": evaluate(student, targets, heldout, by_category=True)}
     maps = coach_maps(ctx["init"].summary)
     run_cfg = train_config(d, steps, qat, cfg.seed, maps.pop("layer_map"), **maps)
     result = distill(student, coach, train, run_cfg, ctx.dir, resume=ctx.session.resume,
@@ -163,12 +165,56 @@ def run(ctx) -> dict:
                      cache_extra={"tokenizer": tokenizer_fingerprint(tok)} if d.logit_cache else None)
     if not main:
         return {}
-    quality["student"] = evaluate(student, targets, heldout)
+    rounds = None
+    if d.refine_rounds:  # one process only: the build refuses --refine under a multi-process launch
+        quality["student"], rounds = refine_student(ctx, student, coach, teacher, tok, train, heldout, run_cfg,
+                                                    quality, targets)
+    else:
+        quality["student"] = evaluate(student, targets, heldout, by_category=True)
     learned = learned_scales(student, remove=True)
     student.save_pretrained(ctx.dir / "student")
     tok.save_pretrained(ctx.dir / "student")
     if learned and result["qat_ran"]:  # scales that never trained would not fit the final weights
         save_learned_scales(ctx.dir / "student", learned)
     mode = {"mode": d.mode} | ({"teachers": [cfg.teacher, *d.teachers]} if d.teachers else {})
+    if rounds is not None:
+        mode["refine"] = rounds
     return {"train": result, "quality": quality, "qat": qat.to_dict() if qat else None, "teacher_for_training": trains_against,
             "params": sum(p.numel() for p in student.parameters()), **mode}
+
+
+def refine_student(ctx, student, coach, teacher, tok, train: list[dict], heldout: list[dict], run_cfg: TrainConfig,
+                   quality: dict, targets: list) -> tuple[dict, dict]:
+    """--refine N (distill/refine.py) on the trained student: (its final quality, the rounds' record)."""
+    import dataclasses
+
+    from edgedistill.distill import refine
+
+    cfg, d = ctx.cfg, ctx.cfg.distill
+    first = evaluate(student, targets, heldout, by_category=True)
+    steps = d.refine_steps or max(1, d.steps // 2)
+    train_records = read_jsonl(ctx["data"].path("train.jsonl"))
+
+    def prepare(r: int, weak: list[str]) -> refine.RoundData:
+        return refine.round_data(teacher, tok, d, cfg.data, round_=r, seed=cfg.seed, weak=weak,
+                                 train_records=train_records, train_tokens=train, folder=ctx.dir / f"refine-{r}",
+                                 batch_size=cfg.data.gen_batch_size)
+
+    def train_round(r: int, examples: list[dict]) -> dict:
+        # fake-quant from the first step: the student has finished its QAT; a new seed packs new rows
+        round_cfg = dataclasses.replace(run_cfg, steps=steps, qat_start_step=0, seed=cfg.seed + r,
+                                        warmup_steps=min(run_cfg.warmup_steps, steps))
+        return distill(student, coach, examples, round_cfg, ctx.dir / f"refine-{r}", resume=ctx.session.resume,
+                       progress=ctx.session.progress, cache_dir=logit_cache_dir(cfg),
+                       cache_extra={"tokenizer": tokenizer_fingerprint(tok)} if d.logit_cache else None)
+
+    final, records = refine.run_rounds(
+        student, first=first, teacher_quality=quality["teacher"], rounds=d.refine_rounds,
+        collapse_ratio=cfg.eval.collapse_ratio, n_weak=d.refine_categories, prepare=prepare, train=train_round,
+        measure=lambda: evaluate(student, targets, heldout, by_category=True),
+        eligible=refine.answerable(train_records), console=ctx.console)
+    for r in range(1, d.refine_rounds + 1):  # the rounds' training checkpoints are done with
+        for ckpt in (ctx.dir / f"refine-{r}").glob("ckpt*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return final, {"rounds": records, "steps_per_round": steps,
+                   "table": refine.summary_table(first, quality["teacher"], records)}

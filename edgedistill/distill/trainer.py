@@ -7,6 +7,7 @@ everything a resumed run needs to end with bit-identical weights to an uninterru
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -19,12 +20,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from itertools import chain
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import convert_to_fp32, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 from torch.utils.data import DataLoader, TensorDataset
@@ -40,6 +42,7 @@ from edgedistill.distill.losses import (
     kd_loss_top_k,
     kd_loss_top_k_from_hidden,
 )
+from edgedistill import processes
 from edgedistill.distill import logit_cache, modes
 from edgedistill.distill.qat import (
     SCALE,
@@ -240,6 +243,15 @@ def clip_each(accelerator: Accelerator, models: list[torch.nn.Module], max_norm:
     optimizer's gradients and GradScaler refuses a second unscale in the same step, so the later
     calls run with accelerate's unscaling switched off.
     """
+    if _sharded(models[0]):
+        # The student is FSDP-sharded by the trainer, not by accelerate (_shard_student), and
+        # accelerate's clip_grad_norm_ reads ACCELERATE_USE_FSDP at call time: it would hand any model
+        # it prepared (the DDP-wrapped projection) to a clip_grad_norm_ method only its own FSDP
+        # wrapper has. torch's clipping takes the sharded gradients (DTensors) as they are, the
+        # norm all-reduced over the shards. fp16 is refused under FSDP, so there is nothing to unscale.
+        for m in models:
+            torch.nn.utils.clip_grad_norm_(list(m.parameters()), max_norm)
+        return
     accelerator.clip_grad_norm_(list(models[0].parameters()), max_norm)
     if len(models) == 1:
         return
@@ -270,8 +282,9 @@ def average_gradients(accelerator: Accelerator, model: torch.nn.Module) -> None:
 def token_share(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor | float:
     """This process's supervised tokens over the mean per process in the global batch; 1.0 alone.
 
-    The logit terms are means over a batch's supervised tokens, and DDP averages the processes'
-    gradients: a plain per-process mean would weigh each process's tokens by 1/(its own count).
+    The logit terms are means over a batch's supervised tokens, and DDP (FSDP's reduce-scatter too)
+    averages the processes' gradients: a plain per-process mean would weigh each process's tokens by
+    1/(its own count).
     Scaled by this share, the average is the one-process mean over the same global batch, so the
     run follows the one-process run (tests/test_ddp.py). Layer terms average over every position,
     equal in number on each process, and need no share.
@@ -281,6 +294,192 @@ def token_share(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor | 
     count = mask.sum().float()
     total = accelerator.reduce(count.clone(), reduction="sum")
     return count * accelerator.num_processes / total.clamp_min(1.0)
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _refuse_under_fsdp(cfg: TrainConfig) -> None:
+    """What the FSDP-sharded student cannot do, said before any work is done."""
+    if cfg.qat is not None and cfg.qat.learn_scales:
+        # fake-quant itself runs in the sharded modules' forwards (qat._enable_in_forward); LSQ's scales
+        # are re-initialised from the full weights when QAT starts, which FSDP holds only in shards
+        raise UserError("QAT with learn_scales does not run under FSDP: launch with --multi_gpu (DDP) instead "
+                        "of --use_fsdp, or turn learn_scales off")
+    if cfg.mode == "self":  # the EMA teacher is a full copy of the student, updated from its weights each step
+        raise UserError("distill mode 'self' does not run under FSDP: launch with --multi_gpu (DDP) instead")
+    if cfg.on_policy_fraction > 0:
+        # each process samples its own continuations, stopping at its own end-of-text: the processes'
+        # forward passes, and so FSDP's all-gathers, would not pair up
+        raise UserError("on-policy distillation does not run under FSDP: launch with --multi_gpu (DDP) instead")
+    if resolve_precision(cfg.mixed_precision) == "fp16":  # GradScaler cannot unscale sharded gradients
+        raise UserError("fp16 does not run under FSDP: use mixed_precision bf16 or no, or launch with --multi_gpu")
+
+
+@contextmanager
+def _fsdp_hidden_from_accelerate(fsdp: bool):
+    """Make the Accelerator without FSDP: on CPU processes accelerate refuses the request (its FSDP
+    plugin wants a GPU), on GPUs it would wrap the student itself, and the trainer shards it instead,
+    the same way on both (_shard_student)."""
+    value = os.environ.pop("ACCELERATE_USE_FSDP", None) if fsdp else None
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = value
+
+
+def _from_main_process(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Every process gets the main process's weights and buffers, as DDP's wrapping gives them.
+    Under `accelerate launch --use_fsdp` transformers loads checkpoints on the main process alone by
+    default (--fsdp_cpu_ram_efficient_loading) and leaves the others' parameters on the meta device."""
+    tensors = list(chain(module.parameters(), module.buffers()))
+    if any(t.is_meta for t in tensors):
+        tied = _tied_names(module)
+        module.to_empty(device=accelerator.device)
+        for name, to in tied.items():  # to_empty gives each name its own tensor: tie them again
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, module.get_parameter(to))
+    else:
+        module.to(accelerator.device)
+    for t in chain(module.parameters(), module.buffers()):
+        torch.distributed.broadcast(t.data, src=0)
+
+
+def _shard_student(student: torch.nn.Module, accelerator: Accelerator) -> tuple[torch.nn.Module, int]:
+    """An FSDP2-sharded copy of `student` on this process's device, and how many of its parameter
+    values this process holds.
+
+    A copy, because fully_shard turns a module's parameters into shards for good (it has no inverse),
+    and the caller keeps using `student` as a plain model (save_pretrained, evaluation): distill()
+    gathers the trained weights back into it (_gather_into). The copy is made with its parameters on
+    the meta device and only its shards are materialized, so no process holds a second full student
+    on the device. Each decoder layer is its own FSDP unit (transformers names their classes in
+    _no_split_modules), so a forward all-gathers one layer's weights at a time; the root unit holds
+    the embeddings, final norm and lm_head (tied or not).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    meta = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in student.parameters()}
+    replica = copy.deepcopy(student, meta)  # the memo stands the meta parameters in for the real ones
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    units = set(getattr(replica, "_no_split_modules", None) or ())
+    for module in replica.modules():
+        if module is not replica and type(module).__name__ in units:
+            fully_shard(module, mesh=mesh)
+    fully_shard(replica, mesh=mesh)
+    replica.to_empty(device=accelerator.device)
+    main = accelerator.is_main_process
+    set_model_state_dict(replica, student.state_dict() if main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers (RoPE's inverse frequencies) are not sharded, and not in the state dict when non-persistent
+    with torch.no_grad():
+        for name, buffer in replica.named_buffers():
+            if main:
+                buffer.copy_(student.get_buffer(name))
+            torch.distributed.broadcast(buffer, src=0)
+    held = sum(p.to_local().numel() for p in replica.parameters())
+    return replica, held
+
+
+def _gather_into(student: torch.nn.Module, replica: torch.nn.Module) -> None:
+    """The sharded replica's full weights into the caller's plain student, one tensor at a time
+    (every process takes part in each all-gather; none ever holds two full copies on the device)."""
+    tied = _tied_names(student)
+    with torch.no_grad():
+        for name, p in replica.named_parameters():
+            full = p.full_tensor()
+            target = student.get_parameter(name)
+            if target.is_meta:  # loaded on the main process alone (_from_main_process): a new tensor
+                owner, _, attr = name.rpartition(".")
+                setattr(student.get_submodule(owner), attr,
+                        torch.nn.Parameter(full.to(target.dtype), requires_grad=target.requires_grad))
+            else:
+                target.data = full.to(target.device, target.dtype)
+        for name, to in tied.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(student.get_submodule(owner), attr, student.get_parameter(to))
+        for name, buffer in replica.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            target = student.get_buffer(name)
+            if target.is_meta:
+                setattr(student.get_submodule(owner), attr, buffer.clone())
+            else:
+                target.copy_(buffer)
+
+
+def _autocast_forward(accelerator: Accelerator, module: torch.nn.Module):
+    """module's forward as accelerator.prepare would make it: under mixed-precision autocast, outputs
+    in float32. The sharded student is not prepared (accelerate would wrap it in DDP)."""
+    def forward(*args, **kwargs):
+        with accelerator.autocast():
+            return convert_to_fp32(module(*args, **kwargs))
+    return forward
+
+
+_STUDENT_FILE = "student.safetensors"
+
+
+def _optimizer_shard_file(rank: int) -> str:
+    return f"optimizer_shard_{rank}.bin"
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameter name -> the name it is tied to (lm_head.weight -> model.embed_tokens.weight)."""
+    first, tied = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def _save_sharded(accelerator: Accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """The FSDP student's part of a checkpoint: its full, gathered weights (the main process writes
+    them, tied names once, as safetensors takes them) and each process's optimizer moments for its
+    own shards (a resume needs the same number of processes anyway: it is in the run's identity)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.is_main_process:
+        tied = _tied_names(model)
+        save_file({k: v.contiguous() for k, v in full.items() if k not in tied}, str(folder / _STUDENT_FILE))
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in moments.items()}
+                      for i, moments in state["state"].items()}
+    torch.save(state, folder / _optimizer_shard_file(accelerator.process_index))
+
+
+def _load_sharded(accelerator: Accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Undo _save_sharded: the main process reads the weights and FSDP hands out the shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    full = {}
+    if accelerator.is_main_process:
+        full = load_file(str(folder / _STUDENT_FILE))
+        full.update({name: full[to] for name, to in _tied_names(model).items()})
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    state = torch.load(folder / _optimizer_shard_file(accelerator.process_index), weights_only=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, moments in state["state"].items():
+        p = params[i]
+        if isinstance(p, DTensor):
+            for k, v in moments.items():
+                if v.shape == p.to_local().shape and v.dim() > 0:  # the moments; "step" is a plain scalar
+                    moments[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                                    shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(state)
 
 
 # Architectures whose causal-LM logits are lm_head(final hidden state) and nothing more (no soft-capping,
@@ -301,6 +500,8 @@ def _fused_head(student, model, cfg: TrainConfig) -> torch.nn.Linear | None:
     activation rounding) or a bias, or another architecture, keeps it too: the fused loss computes
     only h W^T."""
     if cfg.mode == "black_box" or cfg.loss.top_k <= 0:
+        return None
+    if _sharded(model):  # the trainer's own FSDP2 sharding is in place: `student is model` does not tell it
         return None
     ddp = isinstance(student, torch.nn.parallel.DistributedDataParallel) and student.module is model
     if not (student is model or ddp) or model.config.model_type not in _PLAIN_HEAD_TYPES:
@@ -381,14 +582,16 @@ def _out_of_room(folder: Path) -> int | None:
     return None
 
 
-def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dict, workdir: Path) -> None:
-    """Write the checkpoint to ckpt.tmp, then swap it in for ckpt; meta.json is written last."""
+def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dict, workdir: Path,
+                     optimizer=None) -> None:
+    """Write the checkpoint to ckpt.tmp, then swap it in for ckpt; meta.json is written last.
+    optimizer: the FSDP student's, which accelerate does not hold (_save_sharded)."""
     tmp, final, old = workdir / "ckpt.tmp", workdir / "ckpt", workdir / "ckpt.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Checkpoints hold the plain float master weights under their usual names; the fake-quant
-    # parametrizations are recreated from the state's "qat" on resume.
+    # (parametrizations, or under FSDP the modules' forwards) is recreated from the state's "qat" on resume.
     spec = fake_quant_spec(model)
     disable_fake_quant(model)
     # accelerate warns that it drops a tied lm_head.weight from the safetensors file; loading
@@ -398,6 +601,8 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
     other.setLevel(logging.ERROR)
     try:
         accelerator.save_state(str(tmp))
+        if _sharded(model):
+            _save_sharded(accelerator, model, optimizer, tmp)
     except RuntimeError as e:
         # torch.save's writer drops the errno of a failed write ("unexpected pos ..."): say what it was
         code = _out_of_room(workdir)
@@ -408,6 +613,7 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, meta: dic
         other.setLevel(level)
     if spec is not None:
         enable_fake_quant(model, spec)
+    accelerator.wait_for_everyone()  # every process's RNG (and shard) file is in ckpt.tmp before it is renamed
     if accelerator.is_main_process:
         (tmp / "meta.json").write_text(json.dumps(meta))
         if final.exists():
@@ -488,10 +694,15 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         raise ValueError("white_box mode distills a teacher's logits: pass the teacher")
     if cfg.logit_cache and cfg.loss.top_k <= 0:
         raise ValueError("a logit cache holds the teacher's top-k tokens: it needs loss.top_k > 0")
+    # `accelerate launch --use_fsdp`: the student is sharded across the processes (_shard_student)
+    fsdp = processes.fsdp_requested()
+    if fsdp:
+        _refuse_under_fsdp(cfg)
     # cpu=True where torch sees no accelerator: accelerate then runs a multi-process launch (torchrun,
     # `accelerate launch --multi_gpu`) as DDP over gloo; left to itself it would run each process alone
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(),
-                              mixed_precision=resolve_precision(cfg.mixed_precision))
+    with _fsdp_hidden_from_accelerate(fsdp):
+        accelerator = Accelerator(cpu=not torch.accelerator.is_available(),
+                                  mixed_precision=resolve_precision(cfg.mixed_precision))
     set_seed(cfg.seed)
 
     # ---- data: every row the run will see, in order; processes take alternate batches. Each batch
@@ -502,10 +713,16 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     identity = _run_identity(cfg, data, accelerator.num_processes)
     if teachers > 1:
         identity["teachers"] = teachers
+    if fsdp:  # its checkpoints hold the student and optimizer in their own files
+        identity["fsdp"] = True
 
     # ---- models and optimizer; norms and biases are not weight-decayed
     if teacher is not None:
-        teacher.eval().requires_grad_(False).to(accelerator.device)
+        teacher.eval().requires_grad_(False)
+        if fsdp:  # unsharded: the teacher only infers, each process on its own rows
+            _from_main_process(teacher, accelerator)
+        else:
+            teacher.to(accelerator.device)
     cache, cache_figures = None, None
     if cfg.logit_cache:  # before the student trains: the teacher pass is paid once, and its time apart
         cache, cache_figures = _prepare_cache(accelerator, teacher, data[0], data[3], cfg,
@@ -529,6 +746,9 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         projection = HiddenProjection(len(pairs), student.config.hidden_size, teacher.config.hidden_size,
                                       seed=cfg.seed, channels=cfg.hidden_channels).to(accelerator.device)
     head_maps = _head_maps(cfg, pairs) if spec.attention_weight > 0 else None
+    original, held = student, None
+    if fsdp:  # from here on `student` is the sharded copy; `original` gets its weights at the end
+        student, held = _shard_student(student, accelerator)
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if projection is not None:
         params += [("projection." + n, p) for n, p in projection.named_parameters()]
@@ -536,11 +756,18 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     groups = [{"params": [p for n, p in params if n in decayed], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    if projection is None:
+    if fsdp:
+        # accelerate would wrap the sharded student in DDP, and would save only the main process's
+        # optimizer shards: the trainer keeps both (_save_sharded, _load_sharded)
+        loader = accelerator.prepare(loader)
+        if projection is not None:
+            projection = accelerator.prepare(projection)
+    elif projection is None:
         student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     else:  # save_state/load_state then keep it too, as a second model
         student, projection, optimizer, loader = accelerator.prepare(student, projection, optimizer, loader)
-    model = accelerator.unwrap_model(student)
+    model = student if fsdp else accelerator.unwrap_model(student)
+    forward = _autocast_forward(accelerator, student) if fsdp else student
     # Fake-quant parametrizations (switched on at QAT's start, off and on around each checkpoint)
     # give the weights new gradient accumulators, and DDP's hooks sit on the ones it saw when it
     # wrapped the model: they would never fire again. So DDP does not reduce the student's
@@ -557,6 +784,8 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta["identity"] == identity:
             accelerator.load_state(str(ckpt))
+            if fsdp:
+                _load_sharded(accelerator, model, optimizer, ckpt)
             state = {"part_curves": {}, "on_policy": 0, **meta["state"]}
             if state["qat"]:
                 enable_fake_quant(model, QuantSpec.from_dict(state["qat"]))
@@ -600,7 +829,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             # a fused top-k term needs the final hidden states, not the [B, L, V] logits (one position kept)
             head = _fused_head(student, model, cfg)
             fused = {"output_hidden_states": True, "logits_to_keep": 1} if head is not None else {}
-            student_out = student(input_ids=inputs, position_ids=positions, **{**wanted, **fused})
+            student_out = forward(input_ids=inputs, position_ids=positions, **{**wanted, **fused})
             # on the student's own samples the soft term alone: no cross-entropy on its own tokens
             alpha = 1.0 if on_policy else alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
             loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps,
@@ -630,7 +859,8 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
 
             stopping = stop.agreed(accelerator)
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps or stopping:
-                _save_checkpoint(accelerator, model, {"identity": identity, "state": state}, workdir)
+                _save_checkpoint(accelerator, model, {"identity": identity, "state": state}, workdir,
+                                 optimizer if fsdp else None)
             if stopping:
                 bar.stop()
                 if accelerator.is_main_process:  # beside the CLI's own messages, on stderr
@@ -639,6 +869,9 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
 
     disable_fake_quant(model)
     model.eval()
+    if fsdp:
+        _gather_into(original, student)
+        original.eval()
     accelerator.wait_for_everyone()
     curve = state["loss_curve"]
     result = {
@@ -661,4 +894,6 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
         result["on_policy_batches"] = state["on_policy"]
     if ema is not None:  # the mean teacher's momentum at the last step run
         result["ema_momentum"] = state.get("ema_momentum")
+    if fsdp:  # this process's share of the student's parameter values while it trained
+        result["fsdp"] = {"parameters": sum(p.numel() for p in original.parameters()), "held": held}
     return result

@@ -33,6 +33,20 @@ Model = Union[nn.Module, Callable[[list], Tensor]]
 DEFAULT_TOP_K = 256
 
 
+def heldout_examples(records: list[dict], n: int) -> list[dict]:
+    """At most n held-out records, taken round-robin over their categories (in first-seen order):
+    the held-out file lists the categories one after another, and its first n records would leave
+    the last categories (the user's own prompts among them) out of every per-category figure."""
+    queues: dict[str, list[dict]] = {}
+    for r in records:
+        queues.setdefault(r.get("category", ""), []).append(r)
+    out, depth = [], 0
+    while len(out) < n and any(depth < len(q) for q in queues.values()):
+        out += [q[depth] for q in queues.values() if depth < len(q)][: n - len(out)]
+        depth += 1
+    return out
+
+
 def _positions(example: dict) -> tuple[Tensor, Tensor]:
     """(positions t that predict an answer token, the tokens they should predict)."""
     ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
@@ -91,11 +105,12 @@ def _mass_outside(top_logp: Tensor) -> Tensor:
 
 
 def evaluate(model: Model, teacher_or_targets: Model | list[dict], examples: list[dict], *,
-             batch_size: int = 8, top_k: int | None = DEFAULT_TOP_K) -> dict:
+             batch_size: int = 8, top_k: int | None = DEFAULT_TOP_K, by_category: bool = False) -> dict:
     """{"top1_agreement", "kl", "perplexity", "tokens"} of model against the teacher on examples.
 
     teacher_or_targets is the teacher itself or teacher_targets(teacher, examples) computed
-    beforehand (then top_k is the one used there).
+    beforehand (then top_k is the one used there). by_category adds "by_category": the same
+    figures per example "category", from the same pass (the scorecard of evaluate/scorecard.py).
     """
     if isinstance(teacher_or_targets, list):
         targets = teacher_or_targets
@@ -104,7 +119,7 @@ def evaluate(model: Model, teacher_or_targets: Model | list[dict], examples: lis
     if len(targets) != len(examples):
         raise ValueError(f"{len(targets)} teacher targets for {len(examples)} examples")
 
-    agree, kl, nll, count = 0, 0.0, 0.0, 0
+    sums: dict[str, list] = {}  # category -> [agree, kl, nll, count]
     for ex, target, logq in zip(examples, targets, _answer_log_probs(model, examples, batch_size)):
         _, labels = _positions(ex)
         if logq.shape[-1] != target["vocab"] or target["top_ids"].shape[0] != labels.shape[0]:
@@ -114,15 +129,24 @@ def evaluate(model: Model, teacher_or_targets: Model | list[dict], examples: lis
         top_ids, logp_k = target["top_ids"], target["top_logp"]
         logq_k = logq.gather(-1, top_ids)
 
-        agree += int((logq_k[:, 0] >= logq.max(dim=-1).values).sum())
         kl_pos = (logp_k.exp() * (logp_k - logq_k)).double().sum(-1)
         if top_ids.shape[-1] < target["vocab"]:
             r_p, r_q = _mass_outside(logp_k), _mass_outside(logq_k)
             kl_pos += torch.xlogy(r_p, r_p) - torch.xlogy(r_p, r_q.clamp_min(torch.finfo(torch.float64).tiny))
-        kl += float(kl_pos.sum())
-        nll -= float(logq.gather(-1, labels[:, None]).double().sum())
-        count += labels.numel()
+        s = sums.setdefault(ex.get("category", ""), [0, 0.0, 0.0, 0])
+        s[0] += int((logq_k[:, 0] >= logq.max(dim=-1).values).sum())
+        s[1] += float(kl_pos.sum())
+        s[2] -= float(logq.gather(-1, labels[:, None]).double().sum())
+        s[3] += labels.numel()
 
+    total = [sum(s[i] for s in sums.values()) for i in range(4)]
+    out = _figures(*total)
+    if by_category:
+        out["by_category"] = {c: _figures(*s) for c, s in sorted(sums.items())}
+    return out
+
+
+def _figures(agree: int, kl: float, nll: float, count: int) -> dict:
     if count == 0:
         return {"top1_agreement": None, "kl": None, "perplexity": None, "tokens": 0}
     return {"top1_agreement": agree / count, "kl": kl / count,

@@ -12,6 +12,7 @@ Every runtime and micro-benchmark runs with the same thread count, recorded in t
 from __future__ import annotations
 
 from edgedistill.data.teacher_answers import read_jsonl
+from edgedistill.measure.quality import heldout_examples
 from edgedistill.progress import task_progress
 
 
@@ -36,7 +37,8 @@ def kv_cache_figures(shape: dict, context: int) -> dict:
 
 
 def artifact_quality(path, fmt: str, targets: list[dict], examples: list[dict], n_threads: int) -> dict:
-    """top1_agreement, kl, perplexity of one artifact's runtime against the teacher (measure.quality)."""
+    """top1_agreement, kl, perplexity of one artifact's runtime against the teacher (measure.quality),
+    overall and per prompt category."""
     import torch
 
     from edgedistill.measure.quality import evaluate
@@ -44,7 +46,7 @@ def artifact_quality(path, fmt: str, targets: list[dict], examples: list[dict], 
 
     runner = load_runner(path, fmt, n_threads=n_threads)
     try:
-        return evaluate(lambda ids: torch.as_tensor(runner.logits(ids)), targets, examples)
+        return evaluate(lambda ids: torch.as_tensor(runner.logits(ids)), targets, examples, by_category=True)
     finally:
         runner.close()
 
@@ -73,7 +75,7 @@ def run(ctx) -> dict:
             measured[fmt].update(kv)
             advance()
 
-    examples = heldout[: e.max_examples]
+    examples = heldout_examples(heldout, e.max_examples)
     targets = ctx.session.teacher_targets(ctx["teacher"], examples)
     quality = {}
     with task_progress("artifact quality", len(artifacts), ctx.session.progress) as advance:
