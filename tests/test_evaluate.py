@@ -48,6 +48,17 @@ def _examples(cat: str, n: int, seed: int) -> list[dict]:
     return [{"input_ids": _sequence(cat, g), "loss_mask": [0] * 4 + [1] * 20, "category": cat} for _ in range(n)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator; these runs are in fp32,
+    so the module starts from a fresh state and leaves a fresh one for the next module."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def rule_teacher() -> LlamaForCausalLM:
     teacher = _llama(0, 2, 64)
