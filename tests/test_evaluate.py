@@ -138,7 +138,7 @@ def test_a_category_trained_without_data_is_flagged_and_a_refine_round_raises_it
                 new.append({"input_ids": out[0].tolist(), "loss_mask": [0] * 4 + [1] * (out.shape[1] - 4),
                             "category": cat})
         train = _examples("a", 24, 1) + _examples("b", 24, 2)
-        return refine.RoundData(weak, len(new), refine.oversampled(train, new, weak, 2))
+        return refine.RoundData(len(new), refine.oversampled(train, new, weak, 2))
 
     final, rounds = refine.run_rounds(
         student, first=first, teacher_quality=teacher_q, rounds=1, collapse_ratio=0.5, n_weak=1, prepare=prepare,
@@ -168,7 +168,7 @@ def test_a_round_that_collapses_another_category_is_rolled_back():
 
     final, (rec,) = refine.run_rounds(
         student, first=first, teacher_quality=teacher, rounds=1, collapse_ratio=0.5, n_weak=1,
-        prepare=lambda r, weak: refine.RoundData(weak, 0, []), train=train, measure=lambda: worse)
+        prepare=lambda r, weak: refine.RoundData(0, []), train=train, measure=lambda: worse)
     assert rec["weakest"] == ["z"] and not rec["kept"] and rec["new_collapses"] == ["x"]
     assert final is first  # the rolled-back round's figures are not the student's
     for k, v in student.state_dict().items():

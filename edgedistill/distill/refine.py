@@ -31,9 +31,8 @@ from edgedistill.evaluate import scorecard
 
 @dataclass
 class RoundData:
-    """What a round trains on, and what it added."""
+    """What a round trains on, and how many new teacher answers it added."""
 
-    weakest: list[str]
     new_records: int
     examples: list[dict]
 
@@ -78,7 +77,7 @@ def round_data(teacher, tok, d, data_cfg, *, round_: int, seed: int, weak: list[
             max_repetition=data_cfg.max_repetition, max_tokens=data_cfg.max_len,
             token_count=lambda r: len(tokenize_records(tok, [r], max_len=1 << 30)[0]["input_ids"])).kept
     new_tokens = tokenize_records(tok, records, max_len=data_cfg.max_len)
-    return RoundData(weak, len(records), oversampled(train_tokens, new_tokens, weak, d.refine_oversample))
+    return RoundData(len(records), oversampled(train_tokens, new_tokens, weak, d.refine_oversample))
 
 
 def run_rounds(student, *, first: dict, teacher_quality: dict, rounds: int, collapse_ratio: float, n_weak: int,

@@ -107,22 +107,20 @@ def run(ctx) -> dict:
     summary: dict = {}
 
     bank = tasks.make_tasks(e.tasks_per_family, cfg.seed)
-    results, records = {}, []
+    results, by = {}, {}
     runs = [(name, mode) for name in models for mode in ("direct", "step_by_step")]
     with task_progress("checkable tasks", len(runs), ctx.session.progress) as advance:
         for name, mode in runs:
             step_by_step = mode == "step_by_step"
-            score, recs = tasks.run_tasks(models[name], tok, bank, step_by_step=step_by_step, batch_size=batch,
-                                          max_new_tokens=e.task_step_by_step_tokens if step_by_step else e.task_max_new_tokens)
+            score, by[name, mode] = tasks.run_tasks(
+                models[name], tok, bank, step_by_step=step_by_step, batch_size=batch,
+                max_new_tokens=e.task_step_by_step_tokens if step_by_step else e.task_max_new_tokens)
             results.setdefault(name, {})[mode] = score
-            records += [{**r, "model": name, "mode": mode} for r in recs]
             advance()
-    by = {(r["model"], r["mode"]): [] for r in records}
-    for r in records:
-        by[(r["model"], r["mode"])].append(r)
-    results["difference"] = {m: tasks.paired_difference(by[("teacher", m)], by[("student", m)])
+    results["difference"] = {m: tasks.paired_difference(by["teacher", m], by["student", m])
                              for m in ("direct", "step_by_step")}
-    write_jsonl(ctx.dir / "tasks.jsonl", records)
+    write_jsonl(ctx.dir / "tasks.jsonl", [{**r, "model": name, "mode": mode} for (name, mode), recs in by.items()
+                                          for r in recs])
     summary["tasks"] = {"per_family": e.tasks_per_family, "tasks": len(bank), **results}
 
     text = corpus.corpus_examples(tok, max_len=cfg.data.max_len, max_examples=e.generalization_examples)
