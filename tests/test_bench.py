@@ -203,9 +203,21 @@ def _signal_group(pgid: int, sig) -> None:
 def test_a_rerun_passes_and_a_slowed_environment_is_caught(artifact, tmp_path):
     base_file, rerun_file = tmp_path / "baseline.json", tmp_path / "rerun.json"
     protocol = ["--threads", "1", "--new-tokens", "64", "--tolerance", TOLERANCE]
-    code, err, out = _bench(artifact, tmp_path, *protocol, "--repeats", "5", "--save", base_file)
-    assert code == 0 and out["comparison"] is None, err
-    saved = json.loads(base_file.read_text())
+    # A baseline and the same configuration re-run right after it: no regression (exit 0), shown as the
+    # table. The host is shared: another job can stall one run, or shift the machine's speed between two
+    # runs for minutes (CI once saw TTFT 51% slower and decode 52% faster on a re-run, both trials
+    # against one baseline). So a trial is a fresh baseline and its re-run, back to back, and the test
+    # fails when 3 trials all do: the rule held is "a re-run passes", not "every run is quiet".
+    for _trial in range(3):
+        code, err, out = _bench(artifact, tmp_path, *protocol, "--repeats", "5", "--save", base_file)
+        assert code == 0 and out["comparison"] is None, err
+        saved = json.loads(base_file.read_text())
+        code, err, out = _bench(artifact, tmp_path, *protocol, "--repeats", "5", "--baseline", base_file,
+                                "--save", rerun_file, json_out=False)
+        [c] = bench.compare(saved, json.loads(rerun_file.read_text()), float(TOLERANCE))  # what the CLI computed
+        if code == 0:
+            break
+    assert code == 0 and c["verdict"] == "ok" and c["regressed"] == [], _table(c)
     assert saved["schema"] == bench.SCHEMA and saved["protocol"]["threads"] == 1
     assert saved["fingerprint"]["cpu_model"] and saved["fingerprint"]["versions"]["llama_cpp"]
     assert saved["fingerprint"]["usable_cores"] == 1
@@ -213,17 +225,6 @@ def test_a_rerun_passes_and_a_slowed_environment_is_caught(artifact, tmp_path):
     assert art["sha256"] == bench.artifact_sha256(artifact) and art["format"] == "gguf-q8_0"
     assert len(art["samples"]["decode_tok_s"]) == 5 * bench.RUNS_PER_PROCESS and len(art["samples"]["load_s"]) == 5
     assert len(art["processes"]) == 5 and all(len(p["runs"]) == bench.RUNS_PER_PROCESS for p in art["processes"])
-
-    # the same configuration again: no regression (exit 0), shown as the table. A shared 2-core host
-    # can stall one run (1 in 16 whole-test runs failed here); a second trial is taken only then, and
-    # both must fail for the test to: the rule is held to "a re-run passes", not "every run is quiet"
-    for _trial in range(2):
-        code, err, out = _bench(artifact, tmp_path, *protocol, "--repeats", "5", "--baseline", base_file,
-                                "--save", rerun_file, json_out=False)
-        [c] = bench.compare(saved, json.loads(rerun_file.read_text()), float(TOLERANCE))  # what the CLI computed
-        if code == 0:
-            break
-    assert code == 0 and c["verdict"] == "ok" and c["regressed"] == [], _table(c)
     for label in ("load time", "time to first token", "prefill", "decode", "peak RSS", "baseline median [min-max]",
                   "new median [min-max]", "change", "verdict", "machine: ", "threads 1", "rule: ", "no regression"):
         assert label in out, out
