@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--qat")
     ap.add_argument("--qat-start", type=int, default=0)
     ap.add_argument("--act", action="store_true")
+    ap.add_argument("--confidence", action="store_true")  # loss.confidence_weighting
     args = ap.parse_args()
 
     from accelerate import PartialState
@@ -68,7 +69,8 @@ def main() -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.global_batch // state.num_processes, seq_len=24, lr=3e-3,
                       warmup_steps=1, mixed_precision="no",
                       checkpoint_every=args.checkpoint_every or args.resume_at or 10**6,
-                      loss=LossSpec(top_k=8) if args.logit_cache else LossSpec(), logit_cache=args.logit_cache,
+                      loss=LossSpec(top_k=8 if args.logit_cache else 0, confidence_weighting=args.confidence),
+                      logit_cache=args.logit_cache,
                       qat=QuantSpec(args.qat, act=args.act) if args.qat else None, qat_start_step=args.qat_start)
     work = args.out.parent / f"work-{state.num_processes}"
     run = dict(progress=False, cache_dir=args.out.parent / "cache" if args.logit_cache else None)

@@ -49,7 +49,8 @@ def run(out: Path, processes: int, *flags: str, launch: str = "--multi_gpu") -> 
     return {**json.loads(out.read_text()), "weights": load_file(str(out.with_suffix(".safetensors")))}
 
 
-@pytest.mark.parametrize("flags", [(), ("--logit-cache",)], ids=["teacher-online", "logit-cache"])
+@pytest.mark.parametrize("flags", [(), ("--logit-cache",), ("--confidence",), ("--logit-cache", "--confidence")],
+                         ids=["teacher-online", "logit-cache", "confidence-weighted", "logit-cache-confidence-weighted"])
 def test_two_processes_follow_one_process(tmp_path, flags):
     one = run(tmp_path / "one" / "run.json", 1, *flags)
     two = run(tmp_path / "two" / "run.json", 2, *flags)
@@ -61,7 +62,7 @@ def test_two_processes_follow_one_process(tmp_path, flags):
         assert b == pytest.approx(a, abs=2e-4)  # the curve keeps 4 decimals
     for name, w in one["weights"].items():
         assert relative_distance(two["weights"][name], w) < 1e-4, name
-    if flags:
+    if "--logit-cache" in flags:
         # the teacher's pass for the cache is split: each process built every other shard
         assert one["shards_built_by_process"] == [6]
         assert two["shards_built_by_process"] == [3, 3]

@@ -20,7 +20,9 @@ from edgedistill.distill.losses import (
     divergence,
     hidden_state_mse,
     kd_loss,
+    kd_loss_from_hidden,
     kd_loss_top_k,
+    kd_loss_top_k_from_hidden,
     teacher_top_k,
 )
 
@@ -189,6 +191,41 @@ def test_confidence_weighting_matches_hand_computation():
     s, _, mask, labels = batch()
     assert kd_loss(s, flat, mask, labels, temperature=tau, alpha=0.7, confidence_weighting=True)[0].item() == \
         pytest.approx(kd_loss(s, flat, mask, labels, temperature=tau, alpha=0.7)[0].item(), rel=1e-6)
+
+
+def test_confidence_weights_divide_by_a_given_mean_and_every_loss_asks_for_it():
+    """A multi-process run divides by the mean over every process's positions (the trainer's
+    shared_confidence_mean). Each loss asks for it once, an all-masked batch too: it is a collective."""
+    tau, shared = 2.0, 0.9
+    conf = [max(softmax(T[i])) for i in range(2)]
+    want, soft, _ = hand_loss(kl, tau=tau, alpha=0.7, weights=[c / shared for c in conf])
+    asked = []
+
+    def mean(c):
+        asked.append(c.tolist())
+        return torch.tensor(shared)
+
+    loss, parts = kd_loss(*batch(), temperature=tau, alpha=0.7, confidence_weighting=True, confidence_mean=mean)
+    assert loss.item() == pytest.approx(want, rel=1e-6) and parts["soft"].item() == pytest.approx(soft, rel=1e-6)
+    assert asked == [pytest.approx(conf, rel=1e-6)]
+
+    s, t, mask, labels = batch()
+    s.requires_grad_()
+    hidden, head = torch.randn(1, 3, 4, requires_grad=True), torch.randn(3, 4)
+    none = torch.zeros_like(mask)
+    top = torch.zeros(1, 3, 2, dtype=torch.long), torch.full((1, 3, 2), -2.0), torch.full((1, 3), -0.5)
+    asked.clear()
+    for run in (lambda m: kd_loss(s, t, m, labels, temperature=tau, alpha=0.7, confidence_weighting=True,
+                                  confidence_mean=mean),
+                lambda m: kd_loss_top_k(s, *top, m, labels, temperature=tau, alpha=0.7, confidence_weighting=True,
+                                        confidence_mean=mean),
+                lambda m: kd_loss_from_hidden(hidden, head, t, m, labels, temperature=tau, alpha=0.7, top_k=2,
+                                              confidence_weighting=True, confidence_mean=mean),
+                lambda m: kd_loss_top_k_from_hidden(hidden, head, *top, m, labels, temperature=tau, alpha=0.7,
+                                                    confidence_weighting=True, confidence_mean=mean)):
+        loss, _ = run(none)
+        loss.backward()
+    assert asked == [[]] * 4  # no supervised rows here, but the other processes' call is answered
 
 
 def test_confidence_weights_favour_confident_positions():

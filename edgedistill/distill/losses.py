@@ -27,6 +27,7 @@ so even the student's [B, L, V] logits are never built.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ from torch.utils.checkpoint import checkpoint
 # fused head loss cuts its rows the same way: smaller chunks would each pay a pass over the [V, d]
 # weight gradient (measured on 2048 rows at V = 49152: 256-row chunks ~1.5x the time of 1024-row ones).
 CHUNK_ROWS = 1024
+
+# confidences [n] of this process's supervised positions -> the mean to divide them by (a scalar)
+ConfidenceMean = Callable[[Tensor], Tensor]
 
 OBJECTIVES = ("forward_kl", "reverse_kl", "jsd")
 ALPHA_SCHEDULES = ("constant", "linear", "cosine")
@@ -175,13 +179,18 @@ def teacher_buckets(teacher_logits: Tensor, k: int, temperature: float,
 
 # ---------------------------------------------------------------- confidence weights
 
-def normalized_confidence(teacher_confidence: Tensor) -> Tensor:
+def normalized_confidence(teacher_confidence: Tensor, mean: ConfidenceMean | None = None) -> Tensor:
     """Per-position weights proportional to the teacher's confidence, with mean 1.
 
     Mean 1 keeps a weighted mean on the scale of the unweighted one: positions where the teacher
     is sure count more, uncertain ones less, and the loss's size (so alpha and the lr) still fit.
+    mean: what to divide by, from these confidences; by default their own mean. A process of a
+    multi-process run passes the mean over every process's positions: divided by its own, each
+    process's weighted mean would weigh its positions by 1/(its own total confidence), and the
+    averaged gradients would not be those of one process over the global batch.
     """
-    return teacher_confidence / teacher_confidence.mean().clamp_min(torch.finfo(teacher_confidence.dtype).tiny)
+    m = teacher_confidence.mean() if mean is None else mean(teacher_confidence)
+    return teacher_confidence / m.clamp_min(torch.finfo(teacher_confidence.dtype).tiny)
 
 
 @torch.no_grad()
@@ -247,29 +256,37 @@ def _rows(x: Tensor, keep: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:])[keep]
 
 
-def _teacher_rows(teacher_logits: Tensor, keep: Tensor, confidence_weighting: bool) -> tuple[Tensor, Tensor | None]:
+def _weighs(confidence_weighting: bool, rows: int, mean: ConfidenceMean | None) -> bool:
+    # a shared mean is a collective: every process takes part, with no supervised rows too
+    return confidence_weighting and (rows > 0 or mean is not None)
+
+
+def _teacher_rows(teacher_logits: Tensor, keep: Tensor, confidence_weighting: bool,
+                  mean: ConfidenceMean | None = None) -> tuple[Tensor, Tensor | None]:
     """The supervised positions' teacher logits [n, V] and, when asked, their confidence weights."""
     t = _rows(teacher_logits, keep).detach()
-    weights = normalized_confidence(teacher_max_probability(t)) if confidence_weighting and len(t) else None
+    weights = (normalized_confidence(teacher_max_probability(t), mean)
+               if _weighs(confidence_weighting, len(t), mean) else None)
     return t, weights
 
 
 def _cached_rows(top_indices: Tensor, top_log_probs: Tensor, tail_log_probs: Tensor, keep: Tensor,
-                 confidence_weighting: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+                 confidence_weighting: bool, mean: ConfidenceMean | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The supervised positions' cached top-k ids [n, k], bucketed log-probabilities [n, k + 1] and,
     when asked, confidence weights (the largest cached probability, at the cache's temperature)."""
     k = top_indices.shape[-1]
     idx = _rows(top_indices, keep)
     buckets = torch.cat((top_log_probs.reshape(-1, k), tail_log_probs.reshape(-1, 1)), dim=-1)[keep].detach()
     weights = None
-    if confidence_weighting and len(buckets):
-        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp())
+    if _weighs(confidence_weighting, len(buckets), mean):
+        weights = normalized_confidence(_at_least_float32(buckets[:, :k]).max(-1).values.exp(), mean)
     return idx, buckets, weights
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor, labels: Tensor, *,
             temperature: float, alpha: float, objective: str = "forward_kl", beta: float = 0.5, top_k: int = 0,
-            confidence_weighting: bool = False) -> tuple[Tensor, dict]:
+            confidence_weighting: bool = False, confidence_mean: ConfidenceMean | None = None) -> tuple[Tensor, dict]:
     """L = alpha * tau^2 * D(P, Q) + (1 - alpha) * CE(z_S, labels), P = softmax(z_T/tau), Q = softmax(z_S/tau).
 
     D is the `objective`'s divergence (see the module doc). Logits are [B, L, V]; labels and
@@ -281,7 +298,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
     top-k tokens plus one tail bucket (what a top-k logit cache can reproduce); top_k >= V is the
     full D. confidence_weighting: D's mean is weighted by the teacher's top-token probability
     (temperature 1) normalized to mean 1 over the supervised positions; CE stays unweighted, as the
-    labels' trust does not depend on the teacher's.
+    labels' trust does not depend on the teacher's. confidence_mean: see normalized_confidence.
 
     Computation is in float32 (float64 inputs stay float64) whatever the logits' dtype. Returns the
     loss and the detached components {"soft": D without tau^2, "ce"}.
@@ -289,7 +306,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
     keep = labels_mask.reshape(-1).bool()
     # Only supervised positions take part: gathering them first also skips work on prompt tokens.
     s, y = _rows(student_logits, keep), _rows(labels, keep)
-    t, weights = _teacher_rows(teacher_logits, keep, confidence_weighting)
+    t, weights = _teacher_rows(teacher_logits, keep, confidence_weighting, confidence_mean)
     top_indices = None
     if top_k and len(t):  # the teacher's buckets once, not again in the backward pass of each checkpointed chunk
         top_indices, t = teacher_buckets(t, top_k, temperature, torch.promote_types(s.dtype, torch.float32))
@@ -299,8 +316,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
 
 def kd_loss_top_k(student_logits: Tensor, top_indices: Tensor, top_log_probs: Tensor, tail_log_probs: Tensor,
                   labels_mask: Tensor, labels: Tensor, *, temperature: float, alpha: float,
-                  objective: str = "forward_kl", beta: float = 0.5,
-                  confidence_weighting: bool = False) -> tuple[Tensor, dict]:
+                  objective: str = "forward_kl", beta: float = 0.5, confidence_weighting: bool = False,
+                  confidence_mean: ConfidenceMean | None = None) -> tuple[Tensor, dict]:
     """kd_loss against cached teacher outputs: per position the teacher's top-k token ids [B, L, k],
     their log-probabilities [B, L, k] and the log of the remaining mass [B, L].
 
@@ -312,7 +329,8 @@ def kd_loss_top_k(student_logits: Tensor, top_indices: Tensor, top_log_probs: Te
     """
     keep = labels_mask.reshape(-1).bool()
     s, y = _rows(student_logits, keep), _rows(labels, keep)
-    idx, buckets, weights = _cached_rows(top_indices, top_log_probs, tail_log_probs, keep, confidence_weighting)
+    idx, buckets, weights = _cached_rows(top_indices, top_log_probs, tail_log_probs, keep, confidence_weighting,
+                                         confidence_mean)
     sums = _chunked_sums(s, buckets, idx, y, weights, temperature=temperature, objective=objective, beta=beta)
     return _mix(sums, s.shape[0], student_logits, temperature, alpha)
 
@@ -458,7 +476,7 @@ def _head_loss(hidden: Tensor, weight: Tensor, top_indices: Tensor, log_p: Tenso
 def kd_loss_top_k_from_hidden(hidden: Tensor, head_weight: Tensor, top_indices: Tensor, top_log_probs: Tensor,
                               tail_log_probs: Tensor, labels_mask: Tensor, labels: Tensor, *, temperature: float,
                               alpha: float, objective: str = "forward_kl", beta: float = 0.5,
-                              confidence_weighting: bool = False,
+                              confidence_weighting: bool = False, confidence_mean: ConfidenceMean | None = None,
                               matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, dict]:
     """kd_loss_top_k(hidden @ head_weight^T, ...) without the [B, L, V] logits: `hidden` [B, L, d] are
     the student's final hidden states (what its lm_head multiplies) and `head_weight` [V, d] the
@@ -468,7 +486,8 @@ def kd_loss_top_k_from_hidden(hidden: Tensor, head_weight: Tensor, top_indices: 
     on those logits, up to rounding."""
     keep = labels_mask.reshape(-1).bool()
     h, y = _rows(hidden, keep), _rows(labels, keep)
-    idx, buckets, weights = _cached_rows(top_indices, top_log_probs, tail_log_probs, keep, confidence_weighting)
+    idx, buckets, weights = _cached_rows(top_indices, top_log_probs, tail_log_probs, keep, confidence_weighting,
+                                         confidence_mean)
     return _head_loss(h, head_weight, idx, buckets, y, weights, temperature=temperature, alpha=alpha,
                       objective=objective, beta=beta, matmul_dtype=matmul_dtype)
 
@@ -476,6 +495,7 @@ def kd_loss_top_k_from_hidden(hidden: Tensor, head_weight: Tensor, top_indices: 
 def kd_loss_from_hidden(hidden: Tensor, head_weight: Tensor, teacher_logits: Tensor, labels_mask: Tensor,
                         labels: Tensor, *, temperature: float, alpha: float, top_k: int, objective: str = "forward_kl",
                         beta: float = 0.5, confidence_weighting: bool = False,
+                        confidence_mean: ConfidenceMean | None = None,
                         matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, dict]:
     """kd_loss(hidden @ head_weight^T, teacher_logits, ..., top_k=top_k) for top_k > 0, without the
     student's [B, L, V] logits (see kd_loss_top_k_from_hidden). The teacher's buckets and confidence
@@ -484,7 +504,7 @@ def kd_loss_from_hidden(hidden: Tensor, head_weight: Tensor, teacher_logits: Ten
         raise ValueError("the fused head loss compares top-k buckets: it needs top_k > 0")
     keep = labels_mask.reshape(-1).bool()
     h, y = _rows(hidden, keep), _rows(labels, keep)
-    t, weights = _teacher_rows(teacher_logits, keep, confidence_weighting)
+    t, weights = _teacher_rows(teacher_logits, keep, confidence_weighting, confidence_mean)
     work = torch.promote_types(torch.promote_types(h.dtype, head_weight.dtype), torch.float32)
     top_indices, buckets = teacher_buckets(t, top_k, temperature, work) if len(t) else (y[:, None], h.new_zeros(0, 2))
     return _head_loss(h, head_weight, top_indices, buckets, y, weights, temperature=temperature, alpha=alpha,

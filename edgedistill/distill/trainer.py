@@ -296,6 +296,23 @@ def token_share(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor | 
     return count * accelerator.num_processes / total.clamp_min(1.0)
 
 
+def shared_confidence_mean(accelerator: Accelerator):
+    """losses.ConfidenceMean over every process's supervised positions; None alone (each batch's own).
+
+    With the logit term scaled by token_share, weights normalized by this mean make the averaged
+    gradients those of one process's confidence-weighted mean over the global batch."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def mean(confidence: torch.Tensor) -> torch.Tensor:
+        total = accelerator.reduce(torch.stack([confidence.sum().float(), confidence.new_tensor(confidence.numel(),
+                                                                                              dtype=torch.float32)]),
+                                   reduction="sum")
+        return (total[0] / total[1].clamp_min(1.0)).to(confidence.dtype)
+
+    return mean
+
+
 def _sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -519,16 +536,17 @@ def _fused_head(student, model, cfg: TrainConfig) -> torch.nn.Linear | None:
 def _step_loss(student_out, teacher_out, labels: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, alpha: float,
                projection, pairs: list[tuple[int, int]], head_maps: list[list[int]] | None = None,
                cached: tuple[torch.Tensor, ...] | None = None, share: torch.Tensor | float = 1.0,
-               head: torch.nn.Linear | None = None) -> tuple[torch.Tensor, dict]:
+               head: torch.nn.Linear | None = None, confidence_mean=None) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch: the logit term (black_box: cross-entropy on the teacher's text),
     plus the layer terms that have a weight.
     cached: the batch's teacher top-k (ids, log-probs, tail) from the logit cache, used instead of
-    teacher_out's logits. share: this process's token_share, which scales the logit term.
+    teacher_out's logits. share: this process's token_share, which scales the logit term;
+    confidence_mean: shared_confidence_mean's, for the confidence weights.
     head: the student's lm_head (_fused_head) when student_out holds its final hidden states and no
     logits worth reading: the top-k term then computes the logits itself, a chunk at a time."""
     spec = cfg.loss
     settings = dict(temperature=cfg.temperature, alpha=alpha, objective=spec.objective, beta=spec.jsd_beta,
-                    confidence_weighting=spec.confidence_weighting)
+                    confidence_weighting=spec.confidence_weighting, confidence_mean=confidence_mean)
     if cfg.mode == "black_box":  # the teacher's text alone: CE on the answers, no layer terms (config refuses them)
         loss, parts = modes.response_ce(student_out, labels, mask)
     elif head is not None:
@@ -775,6 +793,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
     explicit_sync = isinstance(student, torch.nn.parallel.DistributedDataParallel)
     if explicit_sync:
         student.require_backward_grad_sync = False
+    confidence_mean = shared_confidence_mean(accelerator)
 
     # ---- resume: weights, optimizer moments and RNG states come back with load_state
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "loss_curve": [], "part_curves": {}, "qat": None,
@@ -833,7 +852,7 @@ def distill(student, teacher, examples: list[dict], cfg: TrainConfig, workdir: P
             # on the student's own samples the soft term alone: no cross-entropy on its own tokens
             alpha = 1.0 if on_policy else alpha_at(step, cfg.steps, cfg.alpha, spec.alpha_end, spec.alpha_schedule)
             loss, parts = _step_loss(student_out, teacher_out, labels, mask, cfg, alpha, projection, pairs, head_maps,
-                                     cached, token_share(accelerator, mask), head)
+                                     cached, token_share(accelerator, mask), head, confidence_mean)
             accelerator.backward(loss)
             if explicit_sync:
                 average_gradients(accelerator, model)
