@@ -1,4 +1,5 @@
-"""The real default teacher (SmolLM2-135M-Instruct), quick preset, through the real CLI: minutes, not seconds.
+"""The real default teacher (SmolLM2-135M-Instruct), the README's build shortened (conftest.REAL_BUILD_SHORTENED),
+through the real CLI: minutes, not seconds.
 
 Every artifact is loaded in its real runtime by the build itself (verify + profile stages); this test
 checks what the build says against what the files are, and that distillation helped.
