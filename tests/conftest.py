@@ -63,10 +63,10 @@ def tiny_teacher_dir(tmp_path_factory, tokenizer_dir) -> Path:
 TINY_STUDENT = "layers=2,hidden=32,intermediate=64,heads=2,kv_heads=1"
 
 
-def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+def cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgedistill.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=full_env, timeout=900)
+                          text=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -153,8 +153,7 @@ def real_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     out, cfg = tmp / "out", tmp / "shortened.toml"
     cfg.write_text(REAL_BUILD_SHORTENED)
-    res = subprocess.run([sys.executable, "-m", "edgedistill.cli", "build", "--config", str(cfg), "--target", "phone-4gb",
-                          "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=40 * 60)
+    res = cli("build", "--config", cfg, "--target", "phone-4gb", "--out", out, "--no-progress", timeout=40 * 60)
     return res, out
 
 
